@@ -1,0 +1,157 @@
+"""Which backends exist here, which one each op uses, and why.
+
+Backends:
+  reference  pure PyTorch (effkernels.reference); always there, the specification.
+  triton     effkernels._triton; CUDA tensors on a GPU, or CPU tensors under TRITON_INTERPRET=1.
+  cuda       effkernels._C's CUDA kernels, CUDA tensors, when the extension was built with nvcc.
+  cpp        effkernels._C's C++ CPU loops, CPU tensors, when the extension was built.
+
+Choice, strongest first: the `backend=` argument of a call; `with use_backend(name):`;
+the EFFKERNELS_BACKEND environment variable; "auto". Auto picks, per device:
+  CUDA tensors: cuda if built, else triton if importable, else reference;
+  CPU tensors:  cpp for the ops listed in CPP_FASTER_ON_CPU (measured faster than the reference),
+                else reference. Triton runs CPU tensors only when asked for by name and
+                TRITON_INTERPRET=1 (that is how CI tests it): the interpreter is a test tool, far
+                slower than the reference, so auto never picks it.
+
+Every kernel backend module (effkernels._triton.<family>, effkernels._ext.<family>) exposes the
+same primitive functions, so effkernels.ops can call either; see effkernels/ops/*.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import threading
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cuda", "cpp")
+KERNEL_BACKENDS = ("triton", "cuda", "cpp")
+
+# Ops for which the extension's C++ CPU path was measured faster than the reference
+# (bench/bench_cpu.py; numbers in the README). Filled once the extension is measured.
+CPP_FASTER_ON_CPU: frozenset[str] = frozenset()
+
+_local = threading.local()
+
+
+def _check_name(name: str, arg: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{arg} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops inside this block on `name` unless a call passes backend= itself."""
+    _check_name(name, "use_backend(name)")
+    prev = getattr(_local, "backend", None)
+    _local.backend = name
+    try:
+        yield
+    finally:
+        _local.backend = prev
+
+
+def requested_backend(backend: str | None) -> str:
+    """The backend asked for: argument, else context manager, else EFFKERNELS_BACKEND, else auto."""
+    if backend is not None:
+        return _check_name(backend, "backend")
+    ctx = getattr(_local, "backend", None)
+    if ctx is not None:
+        return ctx
+    return _check_name(os.environ.get("EFFKERNELS_BACKEND", "auto"), "EFFKERNELS_BACKEND")
+
+
+# ---------------------------------------------------------------------------------------------
+# Availability
+# ---------------------------------------------------------------------------------------------
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(None)
+def triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the install
+        return False, f"triton does not import ({type(e).__name__}: {e})"
+    return True, f"triton {triton.__version__}"
+
+
+@functools.lru_cache(None)
+def extension_status() -> tuple[bool, str]:
+    """(built, why). The extension is optional: a failed or skipped build is reported, never raised."""
+    try:
+        ext = importlib.import_module("effkernels._C")
+    except Exception as e:
+        return False, f"effkernels._C not built or not importable ({type(e).__name__}: {e})"
+    return True, f"effkernels._C built (cuda={getattr(ext, 'WITH_CUDA', False)}, archs={getattr(ext, 'CUDA_ARCHS', '')})"
+
+
+def extension_has_cuda() -> bool:
+    ok, _ = extension_status()
+    return ok and bool(getattr(importlib.import_module("effkernels._C"), "WITH_CUDA", False))
+
+
+@functools.lru_cache(None)
+def flash_attn_status() -> tuple[bool, str]:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as e:
+        return False, f"flash_attn does not import ({type(e).__name__})"
+    return True, f"flash_attn {flash_attn.__version__}"
+
+
+def available(backend: str, device: torch.device) -> tuple[bool, str]:
+    """Can `backend` run on tensors of `device` here, and why (not)."""
+    cuda = device.type == "cuda"
+    if backend == "reference":
+        return True, "pure PyTorch"
+    if backend == "triton":
+        ok, why = triton_status()
+        if not ok:
+            return False, why
+        if cuda or interpreter_on():
+            return True, why + (" (interpreter)" if not cuda else "")
+        return False, "Triton on CPU tensors needs TRITON_INTERPRET=1"
+    if backend in ("cuda", "cpp"):
+        ok, why = extension_status()
+        if not ok:
+            return False, why
+        if backend == "cuda" and not (cuda and extension_has_cuda()):
+            return False, "the cuda backend needs CUDA tensors and an extension built with nvcc"
+        if backend == "cpp" and cuda:
+            return False, "the cpp backend runs on CPU tensors only"
+        return True, why
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
+    """The concrete backend `op` will run on for tensors on `device`.
+
+    An explicit backend that cannot run here is an error (never a silent fallback); auto falls
+    back along the order in the module docstring.
+    """
+    name = requested_backend(backend)
+    if name != "auto":
+        ok, why = available(name, device)
+        if not ok:
+            raise RuntimeError(f"backend {name!r} cannot run op {op} on {device.type} tensors here: {why}")
+        return name
+    return auto_choice(op, device)[0]
+
+
+def auto_choice(op: str, device: torch.device) -> tuple[str, str]:
+    if device.type == "cuda":
+        if available("cuda", device)[0]:
+            return "cuda", "extension built with CUDA"
+        if available("triton", device)[0]:
+            return "triton", "triton on a GPU"
+        return "reference", "no kernel backend for CUDA here"
+    if op in CPP_FASTER_ON_CPU and available("cpp", device)[0]:
+        return "cpp", "C++ CPU path measured faster than the reference"
+    return "reference", "no kernel path measured faster on CPU tensors"

@@ -1,0 +1,4 @@
+"""Pure-PyTorch references of every op: the specification the kernels are tested against."""
+from . import adaln, align, attention, routing
+
+__all__ = ["adaln", "align", "attention", "routing"]
