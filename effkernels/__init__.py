@@ -5,3 +5,14 @@ from . import backends, ops, reference  # noqa: E402
 from .backends import use_backend  # noqa: E402
 
 __all__ = ["backends", "ops", "reference", "use_backend", "__version__"]
+
+
+def __getattr__(name):
+    # The model layer imports the nn stack; load it only when asked for.
+    if name == "apply_effkernels":
+        from .models.convert import apply_effkernels
+        return apply_effkernels
+    if name in ("models", "nn"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'effkernels' has no attribute {name!r}")

@@ -1,0 +1,61 @@
+"""Multi-head self-attention over the tokens it is given: dense (B, N, D) or packed (T, D).
+
+Parameter names follow timm's Attention (qkv, proj), as DiT/SiT/REPA checkpoints store them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ._common import check_backend, check_positive_int
+
+
+class VisibleAttention(nn.Module):
+    """Self-attention restricted to each sample's visible tokens.
+
+    Args:
+        dim: model width D; num_heads: H, must divide D; qkv_bias: bias on the qkv projection.
+        backend: passed to effkernels.ops.visible_attention.
+    forward(x (B, N, D)) -> (B, N, D): every sample attends over its N tokens (SDPA). With TREAD or
+        MaskDiT the N tokens are the ones kept, gathered beforehand.
+    forward(x (T, D), cu_seqlens=(S + 1,) int, max_seqlen=int) -> (T, D): the visible tokens of
+        S samples packed back to back; sample i owns rows cu_seqlens[i]:cu_seqlens[i + 1] and
+        attention never crosses samples.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, *, backend: str | None = None):
+        super().__init__()
+        check_positive_int("dim", dim)
+        check_positive_int("num_heads", num_heads)
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.backend = check_backend(backend)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None) -> torch.Tensor:
+        H, Dh = self.num_heads, self.head_dim
+        if not isinstance(x, torch.Tensor) or x.shape[-1] != self.dim:
+            got = getattr(x, "shape", type(x).__name__)
+            raise ValueError(f"x must be a tensor with last dim {self.dim}, got {got}")
+        if cu_seqlens is None:
+            if x.dim() != 3:
+                raise ValueError(f"x must be (B, N, D) without cu_seqlens, got shape {tuple(x.shape)}")
+            B, N, D = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh)
+            o = ops.visible_attention(q, k, v, backend=self.backend)
+            o = o.transpose(1, 2).reshape(B, N, D)
+        else:
+            if x.dim() != 2:
+                raise ValueError(f"x must be packed (T, D) with cu_seqlens, got shape {tuple(x.shape)}")
+            T, D = x.shape
+            q, k, v = self.qkv(x).reshape(T, 3, H, Dh).unbind(1)  # (T, H, Dh)
+            o = ops.visible_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                      backend=self.backend).reshape(T, D)
+        return self.proj(o)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}"

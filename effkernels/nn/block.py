@@ -1,0 +1,81 @@
+"""DiT's adaLN-Zero transformer block, built from the fused effkernels.nn modules.
+
+Parameter names match the official DiT/SiT/REPA blocks (norm1, attn.qkv, attn.proj, norm2,
+mlp.fc1, mlp.fc2, adaLN_modulation.1), so their state dicts load into it unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._common import check_backend, check_positive_float, check_positive_int
+from .attention import VisibleAttention
+from .modulation import GatedResidual, GatedResidualModulatedLayerNorm, ModulatedLayerNorm
+
+
+class Mlp(nn.Module):
+    """fc1 - GELU(tanh) - fc2, timm's Mlp as DiT uses it: (..., D) -> (..., D)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: modulated LN -> attention -> gated residual -> modulated LN -> MLP -> gated residual.
+
+    Args:
+        dim: width D; num_heads: attention heads (divides D); mlp_ratio: MLP hidden = int(D * mlp_ratio);
+        eps: LayerNorm epsilon (1e-6 as in DiT); backend: passed to every op.
+    forward(x (B, N, D), c (B, D) per sample or (B, N, D) per token) -> (B, N, D).
+        With cu_seqlens/max_seqlen, x is packed (T, D) and c must be per token (T, D): attention
+        then runs within each segment only.
+
+    Equal to the official block  x = x + g1 * attn(modulate(norm1(x), s1, sc1));
+    x = x + g2 * mlp(modulate(norm2(x), s2, sc2))  with the residual add of the first half fused into
+    the second LayerNorm (one pass over x and the attention output). adaLN's six chunks are strided
+    views of one (B, 6D) tensor, never copied. Under autocast the chunks and the branch outputs come
+    back in the autocast dtype; they are cast to x's dtype so the residual stream keeps its own.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, eps: float = 1e-6,
+                 qkv_bias: bool = True, backend: str | None = None):
+        super().__init__()
+        check_positive_int("dim", dim)
+        check_positive_float("mlp_ratio", mlp_ratio)
+        self.backend = check_backend(backend)
+        self.norm1 = ModulatedLayerNorm(dim, eps, backend=backend)
+        self.attn = VisibleAttention(dim, num_heads, qkv_bias=qkv_bias, backend=backend)
+        self.norm2 = GatedResidualModulatedLayerNorm(dim, eps, backend=backend)
+        hidden = int(dim * mlp_ratio)
+        if hidden < 1:
+            raise ValueError(f"mlp_ratio={mlp_ratio} gives an empty MLP for dim={dim}")
+        self.mlp = Mlp(dim, hidden)
+        self.residual = GatedResidual(backend=backend)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None) -> torch.Tensor:
+        packed = cu_seqlens is not None
+        if packed:
+            if x.dim() != 2 or c.shape != x.shape:
+                raise ValueError(f"packed x and c must both be (T, D), got {tuple(x.shape)} and {tuple(c.shape)}")
+            # The adaLN ops are written for (B, N, D): a packed sequence is one sample of T tokens.
+            x, c = x.unsqueeze(0), c.unsqueeze(0)
+        mod = self.adaLN_modulation(c)
+        if mod.dtype != x.dtype:
+            mod = mod.to(x.dtype)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        h = self.norm1(x, shift1, scale1)
+        if packed:
+            a = self.attn(h[0], cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).unsqueeze(0)
+        else:
+            a = self.attn(h)
+        x, h = self.norm2(x, a.to(x.dtype), gate1, shift2, scale2)
+        x = self.residual(x, self.mlp(h).to(x.dtype), gate2)
+        return x[0] if packed else x

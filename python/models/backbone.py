@@ -1,0 +1,411 @@
+"""DiT / SiT backbone built from effkernels.nn: adaLN-Zero transformer on latent patches.
+
+Follows the layout of the original DiT models.py (same parameter names, so official checkpoints load
+unchanged through effkernels.models.convert), with three additions used by the training methods:
+  - hidden states at chosen depths (REPA, ERW, SRA), blocks numbered 1..depth, "depth d" = output
+    of block d; `stop_at=d` runs blocks 1..d only (SRA's teacher);
+  - TREAD routes: `routes=[Route(start, end, ratio)]` runs blocks start..end on a random subset of
+    tokens per sample, the others skip them and re-enter unchanged;
+  - MaskDiT's encoder: `keep_idx` (B, K) runs the whole network on those tokens only and returns
+    tokens (B, K, p*p*C_out) instead of an image.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from effkernels import ops
+from effkernels.nn import DiTBlock, ModulatedLayerNorm, TokenRouter
+from effkernels.nn._common import check_backend, check_positive_int, check_ratio
+
+
+#################################################################################
+#                     Embedding layers for patches, timesteps and labels         #
+#################################################################################
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens: (B, C, H, W) -> (B, (H/p)*(W/p), D), row-major order."""
+
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.input_size, self.patch_size = input_size, patch_size
+        self.grid_size = input_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[-2:] != (self.input_size, self.input_size):
+            raise ValueError(f"x must be (B, C, {self.input_size}, {self.input_size}), got {tuple(x.shape)}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar times -> vectors: sinusoidal features (256) -> Linear - SiLU - Linear. t is used as given
+    (SiT's raw t in [0, 1], DiT's integer step in [0, 1000))."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        """(B,) -> (B, dim) float32: [cos(t w_i), sin(t w_i)], w_i = max_period^(-i / (dim/2))."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (B, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors, with label dropout for classifier-free guidance.
+
+    When dropout_prob > 0 the table has one extra row, the null class at index num_classes, which
+    dropped labels (and CFG's unconditional half) use. As in DiT, no null row when dropout_prob is 0.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    @property
+    def has_null_class(self) -> bool:
+        return self.embedding_table.num_embeddings > self.num_classes
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replace labels by the null class: at random (prob dropout_prob), or where force_drop_ids == 1."""
+        if not self.has_null_class:
+            raise ValueError("label dropout needs a null class: build the model with class_dropout_prob > 0")
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            if force_drop_ids.shape != labels.shape:
+                raise ValueError(f"force_drop_ids must have the labels' shape {tuple(labels.shape)}, "
+                                 f"got {tuple(force_drop_ids.shape)}")
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)  # (B, D)
+
+
+#################################################################################
+#                                 Final layer                                   #
+#################################################################################
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm then Linear to patch pixels: (B, N, D) -> (B, N, p*p*C_out)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, backend: str | None = None):
+        super().__init__()
+        self.norm_final = ModulatedLayerNorm(hidden_size, eps=1e-6, backend=backend)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        mod = self.adaLN_modulation(c)
+        shift, scale = mod.to(x.dtype).chunk(2, dim=-1)  # (B, D) strided views
+        return self.linear(self.norm_final(x, shift, scale))
+
+
+#################################################################################
+#                                 Core DiT model                                #
+#################################################################################
+
+@dataclass(frozen=True)
+class Route:
+    """TREAD route: blocks start..end (1-based, inclusive) see only N - round(N * ratio) tokens per sample."""
+    start: int
+    end: int
+    ratio: float = 0.5
+
+    def __post_init__(self):
+        check_positive_int("Route.start", self.start)
+        check_positive_int("Route.end", self.end)
+        if self.end < self.start:
+            raise ValueError(f"Route.end ({self.end}) must be >= Route.start ({self.start})")
+        check_ratio("Route.ratio", self.ratio)
+
+
+class DiT(nn.Module):
+    """Diffusion transformer with adaLN-Zero blocks (DiT, and SiT with learn_sigma=False).
+
+    forward(x (B, C, H, W), t (B,) or scalar, y (B,) int or None) -> (B, C_out, H, W); see forward.
+    """
+
+    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
+                 depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
+                 num_classes: int = 1000, learn_sigma: bool = False, backend: str | None = None):
+        super().__init__()
+        for name, v in (("input_size", input_size), ("patch_size", patch_size), ("in_channels", in_channels),
+                        ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads),
+                        ("num_classes", num_classes)):
+            check_positive_int(name, v)
+        if input_size % patch_size:
+            raise ValueError(f"patch_size={patch_size} must divide input_size={input_size}")
+        if hidden_size % 4:
+            raise ValueError(f"hidden_size must be a multiple of 4 for the 2-D sin-cos embedding, got {hidden_size}")
+        check_ratio("class_dropout_prob", class_dropout_prob)
+        if not isinstance(learn_sigma, bool):
+            raise TypeError(f"learn_sigma must be a bool, got {type(learn_sigma).__name__}")
+        self.backend = check_backend(backend)
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.hidden_size, self.depth, self.num_heads, self.num_classes = hidden_size, depth, num_heads, num_classes
+        self.learn_sigma = learn_sigma
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        grid = self.x_embedder.grid_size
+        # Fixed, not learned; persistent so official checkpoints (which store it) load strictly.
+        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(hidden_size, grid).unsqueeze(0))  # (1, N, D)
+        self.blocks = nn.ModuleList([
+            DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, backend=backend) for _ in range(depth)
+        ])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, backend=backend)
+        self.initialize_weights()
+
+    @property
+    def num_patches(self) -> int:
+        return self.x_embedder.num_patches
+
+    def initialize_weights(self):
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+
+        # Patch embedding initialised like a linear layer over the flattened patch.
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        # adaLN-Zero: every block starts as the identity, the output as zero.
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, p*p*C), in the token order and patch layout of unpatchify."""
+        p, h = self.patch_size, self.x_embedder.grid_size
+        B, C = imgs.shape[:2]
+        x = imgs.reshape(B, C, h, p, h, p)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(B, h * h, p * p * C)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, p*p*C) -> (B, C, H, W)."""
+        p, h = self.patch_size, self.x_embedder.grid_size
+        c = x.shape[-1] // (p * p)
+        if x.dim() != 3 or x.shape[1] != h * h or c * p * p != x.shape[-1]:
+            raise ValueError(f"x must be (B, {h * h}, p*p*C) with p={p}, got {tuple(x.shape)}")
+        x = x.reshape(x.shape[0], h, h, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, h * p)
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+              force_drop_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens with positions (B, N, D) and the conditioning vector c (B, D)."""
+        B = x.shape[0]
+        tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        t = torch.as_tensor(t, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(B)
+        if t.shape != (B,):
+            raise ValueError(f"t must be a scalar or shaped (B,)=({B},), got {tuple(t.shape)}")
+        if y is None:
+            if not self.y_embedder.has_null_class:
+                raise ValueError("y=None (unconditional) needs a null class: class_dropout_prob > 0")
+            y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
+        if y.shape != (B,):
+            raise ValueError(f"y must be shaped (B,)=({B},), got {tuple(y.shape)}")
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
+        return tokens, c
+
+    def _check_plan(self, return_hidden, stop_at, routes):
+        last = self.depth if stop_at is None else stop_at
+        if isinstance(return_hidden, int):
+            return_hidden = (return_hidden,)
+        if isinstance(routes, Route):
+            routes = (routes,)
+        if stop_at is not None:
+            if not isinstance(stop_at, int) or isinstance(stop_at, bool) or not 1 <= stop_at <= self.depth:
+                raise ValueError(f"stop_at must be an int in [1, {self.depth}], got {stop_at!r}")
+            if not return_hidden:
+                raise ValueError("stop_at skips the output layer: ask for return_hidden, or it computes nothing")
+        want = set()
+        for d in return_hidden or ():
+            if not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= last:
+                raise ValueError(f"return_hidden depths must be ints in [1, {last}], got {d!r}")
+            want.add(d)
+        routes = list(routes or ())
+        prev_end = 0
+        for r in routes:
+            if not isinstance(r, Route):
+                raise TypeError(f"routes must hold Route objects, got {type(r).__name__}")
+            if r.end > self.depth:
+                raise ValueError(f"route {r} ends after the last block ({self.depth})")
+            if r.start <= prev_end:
+                raise ValueError(f"routes must be sorted and non-overlapping, got {routes}")
+            prev_end = r.end
+        return want, last, routes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,
+                return_hidden=(), stop_at: int | None = None, routes=None, keep_idx: torch.Tensor | None = None,
+                force_drop_ids: torch.Tensor | None = None, generator: torch.Generator | None = None):
+        """Predict the target for noisy latents.
+
+        x: (B, C, H, W) latents; t: (B,) or scalar times, used as given; y: (B,) class labels
+            (None = all null class). Labels drop to the null class with prob class_dropout_prob in
+            training mode, or exactly where force_drop_ids == 1.
+        return_hidden: depths d (1-based; an int or a sequence) whose block outputs to return as
+            {d: (B, N, D)}. Inside a route the routed tokens are filled in with their values from
+            before the route.
+        stop_at: run blocks 1..stop_at only; the output is None (needs return_hidden).
+        routes: TREAD routes (a Route or a sorted, non-overlapping sequence), each with its own
+            draw from `generator` (a torch.Generator on x's device; None = the global RNG).
+            Applied whenever given: turning routing off at inference is the caller's choice.
+        keep_idx: (B, K) int positions of the tokens the network sees (MaskDiT's encoder); the
+            output is then tokens (B, K, p*p*C_out), not an image (unpatchify needs all N), and
+            hidden states are (B, K, D).
+        Returns out, or (out, hidden) when return_hidden is non-empty.
+        """
+        want, last, routes = self._check_plan(return_hidden, stop_at, routes)
+        h, c = self.embed(x, t, y, force_drop_ids)  # (B, N, D), (B, D)
+        if keep_idx is not None:
+            h = ops.route_gather(h, keep_idx, backend=self.backend)  # (B, K, D)
+        starts = {r.start: r for r in routes}
+        active = None  # (router, idx, full sequence saved before the route, end)
+        hidden = {}
+        for d, block in enumerate(self.blocks, start=1):
+            if d in starts:
+                r = starts[d]
+                rt = TokenRouter(r.ratio, generator, backend=self.backend)
+                idx = rt.draw(h.shape[0], h.shape[1], h.device)
+                active = (rt, idx, h, r.end)
+                h = rt.gather(h, idx)
+            h = block(h, c)
+            if active is not None and d == active[3]:
+                h = active[0].restore(active[2], h, active[1])
+                active = None
+            if d in want:
+                hidden[d] = h if active is None else active[0].restore(active[2], h, active[1])
+            if d == last:
+                break
+        out = None
+        if stop_at is None:
+            out = self.final_layer(h, c)  # (B, N or K, p*p*C_out)
+            if keep_idx is None:
+                out = self.unpatchify(out)  # (B, C_out, H, W)
+        return (out, hidden) if want else out
+
+    @torch.no_grad()
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, *,
+                         guided_channels: int | None = None) -> torch.Tensor:
+        """Classifier-free guidance in one batched pass: uncond + s * (cond - uncond).
+
+        Guidance applies to the first `guided_channels` output channels (default: in_channels, so a
+        learned-sigma half is passed through from the conditional branch). -> (B, C_out, H, W).
+        """
+        if not self.y_embedder.has_null_class:
+            raise ValueError("forward_with_cfg needs a null class: build the model with class_dropout_prob > 0")
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(B) if t.dim() == 0 else t
+        drop = torch.cat([torch.zeros(B, dtype=torch.long), torch.ones(B, dtype=torch.long)]).to(x.device)
+        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), force_drop_ids=drop)
+        cond, uncond = out.chunk(2)
+        C = self.in_channels if guided_channels is None else guided_channels
+        guided = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])
+        return torch.cat([guided, cond[:, C:]], dim=1)
+
+
+#################################################################################
+#                   Sine/Cosine Positional Embedding Functions                  #
+#################################################################################
+
+def get_1d_sincos_pos_embed(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """(M,) positions -> (M, embed_dim) float64: [sin(pos w_i), cos(pos w_i)], w_i = 10000^(-2i/embed_dim)."""
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64, device=pos.device) / (embed_dim / 2.0)
+    omega = 1.0 / 10000 ** omega
+    out = pos.double()[:, None] * omega[None]  # (M, D/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """(grid_size**2, embed_dim) float32 for a square grid, tokens in row-major order.
+
+    The first half of the features encodes the column, the second half the row (the order the
+    official DiT embedding uses, so our table equals the one stored in its checkpoints).
+    """
+    n = torch.arange(grid_size * grid_size)
+    rows, cols = n // grid_size, n % grid_size
+    emb = torch.cat([get_1d_sincos_pos_embed(embed_dim // 2, cols),
+                     get_1d_sincos_pos_embed(embed_dim // 2, rows)], dim=1)
+    return emb.float()
+
+
+#################################################################################
+#                                  DiT Configs                                  #
+#################################################################################
+
+# size -> (depth, hidden_size, num_heads)
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+# Tiny CPU models for the 8x8x1 digits data set.
+TINY = dict(input_size=8, in_channels=1, num_classes=10, hidden_size=64, depth=6, num_heads=4)
+
+
+def _config(depth: int, hidden_size: int, num_heads: int, patch_size: int, **defaults):
+    def make(**overrides) -> DiT:
+        kw = dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **defaults)
+        kw.update(overrides)
+        return DiT(**kw)
+    return make
+
+
+# The official DiT predicts a learned variance (learn_sigma=True); SiT's flow matching does not.
+CONFIGS = {}
+for _family, _learn_sigma in (("DiT", True), ("SiT", False)):
+    for _size, (_depth, _width, _heads) in SIZES.items():
+        for _p in (2, 4, 8):
+            CONFIGS[f"{_family}-{_size}/{_p}"] = _config(_depth, _width, _heads, _p, learn_sigma=_learn_sigma)
+for _p in (1, 2, 4):
+    CONFIGS[f"tiny/{_p}"] = _config(TINY["depth"], TINY["hidden_size"], TINY["num_heads"], _p,
+                                    input_size=TINY["input_size"], in_channels=TINY["in_channels"],
+                                    num_classes=TINY["num_classes"])
+
+
+def build(name: str, **overrides) -> DiT:
+    """A model from a named config, e.g. build("SiT-XL/2") or build("tiny/2", num_classes=10)."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
+    return CONFIGS[name](**overrides)

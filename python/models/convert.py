@@ -1,0 +1,283 @@
+"""Interop with the official DiT / SiT / REPA code: load their checkpoints, patch their models.
+
+load_official(source, model)    official state dict (DiT, SiT, REPA layouts) -> our backbone, strictly
+apply_effkernels(model)         swap effkernels' fused ops into an existing DiT-style model, in place
+
+Key names. Our backbone uses the official names (x_embedder.proj.*, t_embedder.mlp.{0,2}.*,
+y_embedder.embedding_table.weight, pos_embed, blocks.i.{attn.qkv, attn.proj, mlp.fc1, mlp.fc2,
+adaLN_modulation.1}.*, final_layer.{linear, adaLN_modulation.1}.*; norm1/norm2/norm_final have no
+parameters), so the backbone's mapping is the identity once wrappers are removed: training
+checkpoints nest the weights under "ema"/"model", DDP adds "module.", torch.compile "_orig_mod.".
+REPA's projectors.i.{0,2,4}.* become AlignmentHead i's proj.{0,2,4}.*.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import types
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from effkernels import ops
+from effkernels.nn import AlignmentHead, DiTBlock
+from effkernels.nn._common import check_backend, unit_last
+
+from .backbone import SIZES, DiT, build
+
+_WRAPPER_KEYS = ("ema", "model", "state_dict", "module")
+_PREFIXES = ("module.", "_orig_mod.")
+_PROJ = re.compile(r"^projectors\.(\d+)\.(.+)$")
+
+
+#################################################################################
+#                              Reading checkpoints                              #
+#################################################################################
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def read_state_dict(source, *, key: str | None = None) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} from a checkpoint file path or an in-memory dict.
+
+    Files are read with torch.load(weights_only=True) onto the CPU, with argparse.Namespace allowed:
+    the official DiT/SiT/REPA training scripts store their command line as one ("args"). For a file
+    holding other objects, load it yourself if you trust it and pass the dict. A training checkpoint's weights
+    are taken from `key` if given, else the first of "ema", "model", "state_dict", "module" present
+    (EMA weights are the ones the papers sample from). "module." / "_orig_mod." prefixes are removed.
+    """
+    name = "the given dict"
+    if isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"checkpoint file {name!r} does not exist or is not a file")
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(name, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ValueError(f"checkpoint file {name!r} is not a PyTorch checkpoint that torch.load(weights_only=True) "
+                             f"can read ({type(e).__name__}: {first}); if you trust it, torch.load it yourself and "
+                             "pass the dict") from e
+    elif isinstance(source, Mapping):
+        obj = source
+    else:
+        raise TypeError(f"source must be a file path or a dict, got {type(source).__name__}")
+
+    if key is not None:
+        if not isinstance(obj, Mapping) or key not in obj:
+            raise ValueError(f"{name} has no entry {key!r}")
+        obj = obj[key]
+    elif not _is_state_dict(obj) and isinstance(obj, Mapping):
+        for k in _WRAPPER_KEYS:
+            if k in obj and _is_state_dict(obj[k]):
+                obj = obj[k]
+                break
+    if not _is_state_dict(obj):
+        keys = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+        raise ValueError(f"{name} holds no state dict of tensors (top level: {keys}); pass key= to pick one")
+    out = {}
+    for k, v in obj.items():
+        for p in _PREFIXES:
+            while k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def split_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[dict, list[dict]]:
+    """(backbone entries, [REPA projector i's entries renamed to AlignmentHead's proj.*])."""
+    backbone, heads = {}, {}
+    for k, v in sd.items():
+        m = _PROJ.match(k)
+        if m:
+            heads.setdefault(int(m.group(1)), {})["proj." + m.group(2)] = v
+        else:
+            backbone[k] = v
+    if heads and sorted(heads) != list(range(len(heads))):
+        raise ValueError(f"projector indices must be 0..{len(heads) - 1}, got {sorted(heads)}")
+    return backbone, [heads[i] for i in range(len(heads))]
+
+
+def infer_config(sd: Mapping[str, torch.Tensor]) -> dict:
+    """DiT constructor arguments implied by an official state dict's shapes (all but num_heads).
+
+    An embedding table of R rows is read as R - 1 classes plus the null class (every official model
+    trained with label dropout 0.1); pass num_classes/class_dropout_prob to load_official otherwise.
+    """
+    need = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "final_layer.linear.weight")
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise ValueError(f"not a DiT/SiT state dict: missing {missing}")
+    D, C, p, _ = sd["x_embedder.proj.weight"].shape
+    n = sd["pos_embed"].shape[1]
+    grid = round(n ** 0.5)
+    if grid * grid != n:
+        raise ValueError(f"pos_embed has {n} tokens, not a square grid")
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"^blocks\.(\d+)\.", k))), default=-1)
+    out = sd["final_layer.linear.weight"].shape[0]
+    if out not in (p * p * C, 2 * p * p * C):
+        raise ValueError(f"final_layer.linear has {out} outputs; expected {p * p * C} or {2 * p * p * C}")
+    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    mlp_hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * D
+    return dict(input_size=grid * p, patch_size=p, in_channels=C, hidden_size=D, depth=depth,
+                mlp_ratio=mlp_hidden / D, num_classes=rows - 1, class_dropout_prob=0.1,
+                learn_sigma=out == 2 * p * p * C)
+
+
+def _load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
+    # Our own check rather than load_state_dict's RuntimeError: it names the source and lists the
+    # offending keys, including qk-norm weights (REPA's --qk-norm) the backbone does not have.
+    ours = module.state_dict()
+    missing = sorted(set(ours) - set(sd))
+    unexpected = sorted(set(sd) - set(ours))
+    shapes = [f"{k}: {tuple(sd[k].shape)} vs ours {tuple(ours[k].shape)}"
+              for k in sorted(set(sd) & set(ours)) if sd[k].shape != ours[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{what} does not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}, "
+                         f"shape mismatches {shapes[:10]}")
+    module.load_state_dict(sd, strict=True)
+
+
+#################################################################################
+#                               Loading checkpoints                             #
+#################################################################################
+
+def load_official(source, model: DiT | str | None = None, *, key: str | None = None,
+                  num_heads: int | None = None, return_projectors: bool = False,
+                  projector_loss: str = "cosine", backend: str | None = None, **overrides):
+    """Load an official DiT / SiT / REPA checkpoint into our backbone, every parameter strictly.
+
+    source: a checkpoint path or a dict (see read_state_dict).
+    model: a DiT to fill; a config name ("SiT-XL/2") built with the checkpoint's input size, channels,
+        classes and learn_sigma (overrides win); or None to build from the checkpoint's shapes alone
+        (num_heads is not stored: pass it, or the S/B/L/XL head count of its width is used).
+    return_projectors: also return REPA's projectors as a ModuleList of AlignmentHead (empty when
+        the checkpoint has none); otherwise projector weights, training-only heads, are not loaded.
+    Returns the model, or (model, heads).
+    """
+    check_backend(backend)
+    sd = read_state_dict(source, key=key)
+    what = f"checkpoint {os.fspath(source)!r}" if isinstance(source, (str, os.PathLike)) else "the given state dict"
+    backbone, heads_sd = split_state_dict(sd)
+    if model is None or isinstance(model, str):
+        cfg = infer_config(backbone)
+        if model is None:
+            width = cfg["hidden_size"]
+            n_heads = num_heads or next((h for _, (_, w, h) in SIZES.items() if w == width), None)
+            if n_heads is None:
+                raise ValueError(f"width {width} is not a standard size: pass num_heads")
+            cfg["num_heads"] = n_heads
+            model = DiT(**{**cfg, **overrides, "backend": backend})
+        else:
+            # The named config fixes the architecture; the checkpoint supplies the data-dependent sizes.
+            for k in ("hidden_size", "depth", "patch_size", "mlp_ratio"):
+                cfg.pop(k)
+            model = build(model, **{**cfg, **overrides, "backend": backend})
+    elif not isinstance(model, DiT):
+        raise TypeError(f"model must be a DiT, a config name or None, got {type(model).__name__}")
+    elif overrides:
+        raise ValueError(f"constructor overrides {sorted(overrides)} need model=None or a config name, not a built DiT")
+    _load_strict(model, backbone, what)
+    if not return_projectors:
+        return model
+    heads = nn.ModuleList()
+    for i, hsd in enumerate(heads_sd):
+        if not all(f"proj.{j}.weight" in hsd for j in (0, 2, 4)):
+            raise ValueError(f"{what}: projectors.{i} is not a Linear-SiLU-Linear-SiLU-Linear projector")
+        d_hidden, dim = hsd["proj.0.weight"].shape
+        z_dim = hsd["proj.4.weight"].shape[0]
+        head = AlignmentHead(dim, z_dim, hidden=d_hidden, loss=projector_loss, backend=backend)
+        _load_strict(head, hsd, f"{what} projectors.{i}")
+        heads.append(head)
+    return model, heads
+
+
+#################################################################################
+#                    Patching an existing DiT-style model in place              #
+#################################################################################
+
+def _ln_args(norm: nn.LayerNorm):
+    return norm.eps, norm.weight, norm.bias
+
+
+def _fused_block_forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The official block's forward on effkernels ops: same math, residual add fused into LN2."""
+    backend = self._effkernels_backend
+    mod = self.adaLN_modulation(c)
+    if mod.dtype != x.dtype:
+        mod = mod.to(x.dtype)
+    shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # (B, D) strided views
+    x = unit_last(x)
+    h = ops.modulate_layernorm(x, shift1, scale1, *_ln_args(self.norm1), backend=backend)
+    a = self.attn(h)
+    x, h = ops.gated_residual_modulate_layernorm(x, unit_last(a.to(x.dtype)), gate1, shift2, scale2,
+                                                 *_ln_args(self.norm2), backend=backend)
+    return ops.gated_residual(x, unit_last(self.mlp(h).to(x.dtype)), gate2, backend=backend)
+
+
+def _fused_final_forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    mod = self.adaLN_modulation(c)
+    shift, scale = mod.to(x.dtype).chunk(2, dim=-1)
+    h = ops.modulate_layernorm(unit_last(x), shift, scale, *_ln_args(self.norm_final),
+                               backend=self._effkernels_backend)
+    return self.linear(h)
+
+
+def _has(m: nn.Module, name: str, kind: type) -> bool:
+    return isinstance(getattr(m, name, None), kind)
+
+
+def _is_official_block(m: nn.Module) -> bool:
+    return (_has(m, "norm1", nn.LayerNorm) and _has(m, "norm2", nn.LayerNorm) and _has(m, "attn", nn.Module)
+            and _has(m, "mlp", nn.Module) and _has(m, "adaLN_modulation", nn.Module))
+
+
+def _is_official_final(m: nn.Module) -> bool:
+    return (_has(m, "norm_final", nn.LayerNorm) and _has(m, "linear", nn.Linear)
+            and _has(m, "adaLN_modulation", nn.Module))
+
+
+def apply_effkernels(model: nn.Module, *, backend: str | None = None) -> nn.Module:
+    """Swap effkernels' fused adaLN ops into an existing DiT-style model, in place; returns the model.
+
+    Every submodule shaped like the official DiT/SiT block (norm1, norm2 LayerNorms over D, attn,
+    mlp, adaLN_modulation producing 6 chunks, forward(x, c)) gets a forward computing
+      h = LN1(x)(1 + scale1) + shift1;  x = x + gate1 * attn(h)  fused with  h = LN2(x)(1 + scale2) + shift2;
+      x = x + gate2 * mlp(h)
+    with effkernels ops; the model's own attn and mlp modules (and weights) are kept. Final layers
+    (norm_final, linear, adaLN_modulation) get the fused LN + modulate. The patch is an instance
+    attribute, so revert_effkernels (or deleting `forward`) restores the class's forward.
+    Models already built from effkernels.nn are returned unchanged.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_backend(backend)
+    patched = ours = 0
+    for m in model.modules():
+        if isinstance(m, DiTBlock):
+            ours += 1
+        elif _is_official_block(m):
+            m._effkernels_backend = backend
+            m.forward = types.MethodType(_fused_block_forward, m)
+            patched += 1
+        elif _is_official_final(m):
+            m._effkernels_backend = backend
+            m.forward = types.MethodType(_fused_final_forward, m)
+    if patched == 0 and ours == 0:
+        raise ValueError(f"found no DiT-style block in {type(model).__name__} (modules with LayerNorm norm1/norm2, "
+                         "attn, mlp and adaLN_modulation)")
+    return model
+
+
+def revert_effkernels(model: nn.Module) -> nn.Module:
+    """Undo apply_effkernels: every patched module gets its class's forward back."""
+    for m in model.modules():
+        if "_effkernels_backend" in m.__dict__:
+            del m.forward
+            del m._effkernels_backend
+    return model
