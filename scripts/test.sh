@@ -7,6 +7,6 @@ scripts/setup.sh
 V=.venv/bin
 $V/python -m effkernels
 echo "== ahead-of-time compile of every Triton kernel configuration (sm_80, sm_90) =="
-$V/python -m effkernels._triton.aot --archs 80,90 | tail -n 1
+$V/python -m effkernels._triton.aot --archs 80,90 --quiet
 echo "== pytest =="
 $V/python -m pytest tests -q "$@"

@@ -82,7 +82,7 @@ def cosine_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor, eps: float = 1e-
 def smooth_l1_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor, beta: float = 0.05) -> torch.Tensor:
     """SRA's original distance: smooth-L1 summed over D, mean over tokens (PyTorch's fused op)."""
     _check(z_hat, z)
-    if not (isinstance(beta, (int, float)) and beta > 0):
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < float("inf"):
         raise ValueError(f"beta must be a positive number, got {beta!r}")
     return ref.smooth_l1_alignment_loss(z_hat, z, beta)
 

@@ -102,9 +102,11 @@ def _scatter_setup(ctx, inputs, output):
 
 
 def _scatter_bwd(ctx, grad):
+    # A None input (zeros) gets no gradient: autograd rejects one for a non-tensor input.
     (idx,) = ctx.saved_tensors
-    d_sub = _gather_op(grad, idx, ctx.backend)
-    dx = _scatter_op(grad, None, idx, ctx.num_tokens, ctx.backend)
+    need_x, need_sub = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    d_sub = _gather_op(grad, idx, ctx.backend) if need_sub else None
+    dx = _scatter_op(grad, None, idx, ctx.num_tokens, ctx.backend) if need_x else None
     return dx, d_sub, None, None, None
 
 
