@@ -20,7 +20,6 @@ same primitive functions, so effkernels.ops can call either; see effkernels/ops/
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import os
 import threading
@@ -35,6 +34,20 @@ KERNEL_BACKENDS = ("triton", "cuda", "cpp")
 CPP_FASTER_ON_CPU: frozenset[str] = frozenset()
 
 _local = threading.local()
+
+
+def _once(fn):
+    """Memoise a no-argument probe in a plain dict (torch.compile traces a dict read; it warns on
+    and skips functools.lru_cache)."""
+    memo: dict = {}
+
+    def wrapper():
+        if "v" not in memo:
+            memo["v"] = fn()
+        return memo["v"]
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
 
 
 def _check_name(name: str, arg: str) -> str:
@@ -73,7 +86,7 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(None)
+@_once
 def triton_status() -> tuple[bool, str]:
     try:
         import triton  # noqa: F401
@@ -82,7 +95,7 @@ def triton_status() -> tuple[bool, str]:
     return True, f"triton {triton.__version__}"
 
 
-@functools.lru_cache(None)
+@_once
 def extension_status() -> tuple[bool, str]:
     """(built, why). The extension is optional: a failed or skipped build is reported, never raised."""
     try:
@@ -97,7 +110,7 @@ def extension_has_cuda() -> bool:
     return ok and bool(getattr(importlib.import_module("effkernels._C"), "WITH_CUDA", False))
 
 
-@functools.lru_cache(None)
+@_once
 def flash_attn_status() -> tuple[bool, str]:
     try:
         import flash_attn  # noqa: F401
