@@ -11,14 +11,13 @@ reference, and achieved bandwidth against the bytes the op must move (read input
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
 import torch
 
 import effkernels
+from _common import write_rows
 from effkernels import backends, ops
 
 
@@ -127,10 +126,7 @@ def main(argv=None) -> int:
           f"speed-up over the reference, achieved bandwidth")
     rows = run(args)
     print(render(rows))
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_rows(rows, args.out)
     return 0
 
 

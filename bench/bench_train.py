@@ -15,8 +15,6 @@ little.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
@@ -24,6 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import effkernels
+from _common import write_rows
 from effkernels import backends
 from effkernels.models.backbone import Route, build
 from effkernels.models.objectives import FlowMatching
@@ -116,10 +115,7 @@ def main(argv=None) -> int:
           f"{args.channels}x{args.input_size}x{args.input_size}, {args.steps} timed steps")
     rows = [measure(args, *v) for v in variants(depth, torch.device(args.device))]
     print(render(rows))
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_rows(rows, args.out)
     return 0
 
 

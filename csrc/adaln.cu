@@ -37,7 +37,7 @@ template <typename T> const T* cp(const OptT& t) { return defined(t) ? static_ca
 // ---------------------------------------------------------------------------------------------
 
 template <typename T, bool FUSED> void fwd_cpu(const LnArgs<T>& a) {
-  at::parallel_for(0, a.B * a.N, 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, a.B * a.N, row_grain(a.D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t bi = r / a.N, n = r % a.N;
       const T* src = a.x.row(bi, n);
@@ -64,7 +64,8 @@ template <typename T, bool FUSED> void fwd_cpu(const LnArgs<T>& a) {
 
 // Rows in fixed chunks of kCpuRowChunk tokens of one sample; each chunk owns one partial slice.
 template <typename T, bool FUSED> void bwd_cpu(const LnArgs<T>& a) {
-  at::parallel_for(0, a.B * a.P, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t grain = std::max<int64_t>(1, row_grain(a.D) / kCpuRowChunk);  // chunks, not rows
+  at::parallel_for(0, a.B * a.P, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bi = t / a.P, p = t % a.P;
       float* part = a.part ? a.part + t * kSlots * a.D : nullptr;  // null when nothing is broadcast
@@ -101,7 +102,8 @@ template <typename T, bool FUSED> void bwd_cpu(const LnArgs<T>& a) {
 
 // d(gate) of x + gate * y: per token directly, per sample through the partials' kGate slot.
 template <typename T> void gr_bwd_cpu(const LnArgs<T>& a) {
-  at::parallel_for(0, a.B * a.P, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t grain = std::max<int64_t>(1, row_grain(a.D) / kCpuRowChunk);  // chunks, not rows
+  at::parallel_for(0, a.B * a.P, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bi = t / a.P, p = t % a.P;
       float* part = a.part ? a.part + t * kSlots * a.D : nullptr;  // null when nothing is broadcast
@@ -119,7 +121,7 @@ template <typename T> void gr_bwd_cpu(const LnArgs<T>& a) {
 }
 
 template <typename T> void gr_fwd_cpu(const LnArgs<T>& a) {
-  at::parallel_for(0, a.B * a.N, 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, a.B * a.N, row_grain(a.D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t bi = r / a.N, n = r % a.N;
       const T *xr = a.x.row(bi, n), *yr = a.y.row(bi, n), *gr = a.gate.row(bi, n);
@@ -137,7 +139,8 @@ template <typename T> EK_HD void finalize_one(const float* part, int64_t B, int6
 }
 
 template <typename T> void finalize_cpu(const LnArgs<T>& a, bool gate) {
-  at::parallel_for(0, a.B, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.D * a.P, 1));  // samples
+  at::parallel_for(0, a.B, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi)
       for (int64_t d = 0; d < a.D; ++d) {
         if (a.dshift.p && !a.shift_tok) finalize_one<T>(a.part, a.B, a.P, a.D, kShift, bi, d, a.dshift.row(bi, 0) + d);

@@ -25,7 +25,7 @@ template <typename TA, typename TB> struct CosArgs {
 };
 
 template <typename TA, typename TB> void cos_cpu(const CosArgs<TA, TB>& p, bool bwd) {
-  at::parallel_for(0, p.B * p.N, 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, p.B * p.N, row_grain(p.D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t bi = r / p.N, n = r % p.N;
       const TA* a = p.a.row(bi, n);

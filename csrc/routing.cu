@@ -36,7 +36,7 @@ template <typename T, typename I> struct RouteArgs {
 };
 
 template <typename T, typename I> void route_cpu(const RouteArgs<T, I>& a) {
-  at::parallel_for(0, a.B * a.K, 64, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, a.B * a.K, row_grain(a.D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / a.K, k = r % a.K;
       int64_t s, d;

@@ -273,16 +273,9 @@ def test_opcheck(seed):
 
 
 def test_compile_fullgraph_keeps_ops(seed):
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
 
-    graphs = {"fw": [], "bw": []}
-
-    def recorder(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append(gm)
-            return make_boxed_func(gm.forward)  # run the traced graph eagerly: aot_eager, graphs kept
-        return compiler
+    rec = AotEagerAndRecordGraphs()
 
     def loss_fn(zh, z):
         return ops.cosine_alignment_loss(zh, z, backend="triton") + 0.1 * ops.per_token_cosine(
@@ -291,7 +284,7 @@ def test_compile_fullgraph_keeps_ops(seed):
     zh, z = torch.randn(2, 7, 17).half(), torch.randn(2, 7, 17)
     torch._dynamo.reset()
     results = []
-    for backend in (aot_autograd(fw_compiler=recorder("fw"), bw_compiler=recorder("bw")), "aot_eager", None):
+    for backend in (rec, "aot_eager", None):
         fn = loss_fn if backend is None else torch.compile(loss_fn, fullgraph=True, backend=backend)
         zh_ = zh.clone().requires_grad_()
         loss = fn(zh_, z)
@@ -301,6 +294,7 @@ def test_compile_fullgraph_keeps_ops(seed):
         assert torch.equal(loss, results[2][0]) and torch.equal(grad, results[2][1])
 
     def targets(kind):
-        return {str(n.target) for gm in graphs[kind] for n in gm.graph.nodes if n.op == "call_function"}
+        gms = rec.fw_graphs if kind == "fw" else rec.bw_graphs
+        return {str(n.target) for gm in gms for n in gm.graph.nodes if n.op == "call_function"}
     assert "effkernels.per_token_cosine.default" in targets("fw"), targets("fw")
     assert "effkernels.per_token_cosine_backward.default" in targets("bw"), targets("bw")

@@ -275,16 +275,9 @@ def test_scatter_with_none_input_backward_and_double_backward(seed):
 
 
 def test_compile_fullgraph_keeps_ops(seed):
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
 
-    graphs = {"fw": [], "bw": []}
-
-    def recorder(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append(gm)
-            return make_boxed_func(gm.forward)  # run the traced graph eagerly: aot_eager, graphs kept
-        return compiler
+    rec = AotEagerAndRecordGraphs()
 
     def step(x, x_sub, idx):
         kept = ops.route_gather(x, idx, backend="triton")
@@ -295,7 +288,7 @@ def test_compile_fullgraph_keeps_ops(seed):
     idx = _draw(2, 9, 4, torch.int64)
     torch._dynamo.reset()
     results = []
-    for backend in (aot_autograd(fw_compiler=recorder("fw"), bw_compiler=recorder("bw")), "aot_eager", None):
+    for backend in (rec, "aot_eager", None):
         fn = step if backend is None else torch.compile(step, fullgraph=True, backend=backend)
         xa, sa = x.clone().requires_grad_(), x_sub.clone().requires_grad_()
         out = fn(xa, sa, idx)
@@ -306,6 +299,7 @@ def test_compile_fullgraph_keeps_ops(seed):
             assert torch.equal(got, want)
 
     def targets(kind):
-        return {str(n.target) for gm in graphs[kind] for n in gm.graph.nodes if n.op == "call_function"}
+        gms = rec.fw_graphs if kind == "fw" else rec.bw_graphs
+        return {str(n.target) for gm in gms for n in gm.graph.nodes if n.op == "call_function"}
     for kind in ("fw", "bw"):  # the backward of each op is built from the same two ops
         assert {"effkernels.route_gather.default", "effkernels.route_scatter.default"} <= targets(kind), kind

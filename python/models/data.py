@@ -1,0 +1,190 @@
+"""Data sets for the trainer, all held in memory as tensors (B, C, H, W) with integer labels.
+
+Sources (`load_dataset(spec)`):
+  "digits"         scikit-learn's 1797 8x8 grey digits (shipped inside scikit-learn, no download),
+                   pixel values 0..16 scaled to [-1, 1], shape (1797, 1, 8, 8), 10 classes.
+  <folder>         an image folder with one subfolder per class (sorted names -> labels 0..K-1),
+                   loaded with PIL, resized to `image_size`, scaled to [-1, 1].
+  <file>.npz       pre-computed latents: array "x" (or "latents"/"images"), (N, C, H, W) float, and
+                   "y" (or "labels"), (N,) int; how DiT users train on ImageNet (VAE latents).
+  <file>.npy       latents (N, C, H, W); labels from <file-stem>_labels.npy if it exists, else all 0.
+The value range of images is [-1, 1]; for latents it is None (unbounded: samplers do not clamp).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """Bad data: a missing path or a malformed file; the message names it."""
+
+
+@dataclass
+class ArrayDataset:
+    """Images or latents x (N, C, H, W) float32 and labels y (N,) int64, in memory."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    num_classes: int
+    name: str
+    value_range: tuple | None = (-1.0, 1.0)
+
+    def __post_init__(self):
+        if self.x.dim() != 4:
+            raise DataError(f"{self.name}: data must be (N, C, H, W), got shape {tuple(self.x.shape)}")
+        if self.y.shape != (self.x.shape[0],):
+            raise DataError(f"{self.name}: {self.x.shape[0]} samples but labels of shape {tuple(self.y.shape)}")
+        if self.x.shape[0] == 0:
+            raise DataError(f"{self.name}: the data set is empty")
+        if self.x.shape[2] != self.x.shape[3]:
+            raise DataError(f"{self.name}: images must be square, got {self.x.shape[2]}x{self.x.shape[3]}")
+        if not torch.isfinite(self.x).all():
+            raise DataError(f"{self.name}: data contains NaN or inf")
+        if int(self.y.min()) < 0 or int(self.y.max()) >= self.num_classes:
+            raise DataError(f"{self.name}: labels must lie in [0, {self.num_classes}), got "
+                            f"[{int(self.y.min())}, {int(self.y.max())}]")
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def size(self) -> int:
+        return self.x.shape[2]
+
+    def fingerprint(self) -> str:
+        """sha256 of the pixels and labels (16 hex digits): the cache key of metric feature networks."""
+        h = hashlib.sha256()
+        h.update(str(tuple(self.x.shape)).encode())
+        h.update(self.x.contiguous().numpy().tobytes())
+        h.update(self.y.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def split(self, holdout: float = 0.2, seed: int = 0):
+        """(train, held-out) index tensors: a fixed, seeded, stratified-enough random split."""
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(len(self), generator=g)
+        n_hold = max(1, round(holdout * len(self)))
+        return perm[n_hold:], perm[:n_hold]
+
+
+# -----------------------------------------------------------------------------------------------
+# Sources
+# -----------------------------------------------------------------------------------------------
+
+
+def load_digits() -> ArrayDataset:
+    """scikit-learn's 8x8 digits scaled to [-1, 1]."""
+    try:
+        from sklearn.datasets import load_digits as _load
+    except ImportError as e:  # pragma: no cover - scikit-learn is in the train extra
+        raise DataError("data 'digits' needs scikit-learn (pip install scikit-learn)") from e
+    d = _load()
+    x = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0).unsqueeze(1)  # (1797, 1, 8, 8)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    return ArrayDataset(x, y, 10, "digits")
+
+
+def load_image_folder(root: str, image_size: int | None = None, channels: int | None = None) -> ArrayDataset:
+    """One subfolder per class; images resized (bicubic) to image_size, grey (1) or RGB (3) channels."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as e:  # pragma: no cover
+        raise DataError("image folders need pillow (pip install pillow)") from e
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise DataError(f"image folder {root!r} has no class subfolders (expected <root>/<class>/<image>)")
+    xs, ys = [], []
+    for label, cls in enumerate(classes):
+        for fn in sorted(os.listdir(os.path.join(root, cls))):
+            if not fn.lower().endswith(IMAGE_EXTS):
+                continue
+            path = os.path.join(root, cls, fn)
+            try:
+                with Image.open(path) as im:
+                    if channels is None:
+                        channels = 1 if im.mode in ("L", "1", "I", "I;16", "F") else 3
+                    im = im.convert("L" if channels == 1 else "RGB")
+                    if image_size is None:
+                        image_size = min(im.size)
+                    if im.size != (image_size, image_size):
+                        im = im.resize((image_size, image_size), Image.BICUBIC)
+                    arr = np.asarray(im, dtype=np.float32)
+            except (UnidentifiedImageError, OSError) as e:
+                raise DataError(f"image file {path!r} cannot be read ({type(e).__name__}: {e})") from e
+            xs.append(arr.reshape(image_size, image_size, channels))
+            ys.append(label)
+    if not xs:
+        raise DataError(f"image folder {root!r} has no images with extensions {IMAGE_EXTS}")
+    x = torch.from_numpy(np.stack(xs) / 127.5 - 1.0).float().permute(0, 3, 1, 2).contiguous()
+    return ArrayDataset(x, torch.tensor(ys, dtype=torch.int64), len(classes), root)
+
+
+def _pick(npz, names, path, what):
+    for n in names:
+        if n in npz.files:
+            return npz[n]
+    raise DataError(f"latent file {path!r} has no {what} array (looked for {', '.join(names)}; found "
+                    f"{', '.join(npz.files) or 'nothing'})")
+
+
+def load_latents(path: str) -> ArrayDataset:
+    """.npz with x/latents/images and y/labels, or .npy with an optional <stem>_labels.npy beside it."""
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                x = _pick(z, ("x", "latents", "images"), path, "latent")
+                y = _pick(z, ("y", "labels"), path, "label")
+        else:
+            x = np.load(path, allow_pickle=False)
+            lab = path[:-4] + "_labels.npy"
+            y = np.load(lab, allow_pickle=False) if os.path.isfile(lab) else np.zeros(len(x), np.int64)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"latent file {path!r} cannot be read ({type(e).__name__}: {str(e)[:200]})") from e
+    if x.ndim != 4 or not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"latent file {path!r}: latents must be a numeric (N, C, H, W) array, got {x.dtype} {x.shape}")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"latent file {path!r}: labels must be an integer (N,) array, got {y.dtype} {y.shape}")
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    yt = torch.from_numpy(y.astype(np.int64))
+    ncls = int(yt.max()) + 1 if len(yt) else 1
+    return ArrayDataset(xt, yt, ncls, path, value_range=None)
+
+
+def load_dataset(spec: str, image_size: int | None = None) -> ArrayDataset:
+    """'digits', an image folder, or a .npz/.npy latent file (see the module docstring)."""
+    if not isinstance(spec, str) or not spec:
+        raise DataError(f"data must be 'digits' or a path, got {spec!r}")
+    if spec == "digits":
+        return load_digits()
+    if not os.path.exists(spec):
+        raise DataError(f"data path {spec!r} does not exist (use 'digits', an image folder, or a .npz/.npy file)")
+    if os.path.isdir(spec):
+        return load_image_folder(spec, image_size=image_size)
+    if spec.endswith((".npz", ".npy")):
+        return load_latents(spec)
+    raise DataError(f"data file {spec!r} is neither .npz nor .npy (image data must be a folder of class subfolders)")
+
+
+# -----------------------------------------------------------------------------------------------
+# Batches
+# -----------------------------------------------------------------------------------------------
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """The global batch of step `step`: uniform draws with replacement from a generator seeded by
+    (seed, step). Stateless, so a resumed or data-parallel run sees exactly the same batches."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+    return torch.randint(n, (batch_size,), generator=g)
