@@ -8,9 +8,7 @@ baseline on the reference backend.
 
 On a GPU the same command times bf16-autocast steps with CUDA events; on the CPU plain fp32 steps
 with perf_counter (peak memory is then not reported: PyTorch does not track CPU allocations).
-FLOPs are what torch.utils.flop_counter counts (matmuls, convolutions, attention); the reference
-backend's attention is an explicit einsum/softmax, the others call SDPA, so their counts differ a
-little.
+FLOPs are what torch.utils.flop_counter counts (matmuls, convolutions, attention).
 """
 from __future__ import annotations
 

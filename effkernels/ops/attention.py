@@ -1,7 +1,8 @@
 """Public attention over visible tokens: the dense fixed-K form and the packed varlen form.
 
 Dense (TREAD and MaskDiT as published, every sample keeps K tokens, gathered once per route):
-  visible_attention(q, k, v) with q, k, v (B, H, K, Dh) -> scaled_dot_product_attention.
+  visible_attention(q, k, v) with q, k, v (B, H, K, Dh) -> scaled_dot_product_attention on every
+  backend (PyTorch's own fused kernels; reference.attention.dense_attention is its spec in tests).
 Packed (a different count per sample): q, k, v (T, H, Dh), cu_seqlens (S + 1,) int32 offsets and
 max_seqlen an int (flash-attn's convention; no .item() inside the op). Paths: flash-attn's
 flash_attn_varlen_func for fp16/bf16 CUDA tensors when flash_attn imports, else the reference (one
@@ -71,8 +72,7 @@ def visible_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """Attention within each sample's visible tokens: dense (B, H, K, Dh) or packed (T, H, Dh)."""
     if cu_seqlens is None:
         _check_qkv(q, k, v, 4)
-        if backends.requested_backend(backend) == "reference":
-            return ref.dense_attention(q, k, v, scale)
+        backends.requested_backend(backend)  # validates the name; every backend runs PyTorch's SDPA here
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     _check_qkv(q, k, v, 3)
     check_tensor("cu_seqlens", cu_seqlens, dims=(1,), integer=True)
