@@ -62,60 +62,58 @@ template <typename T, bool FUSED> void fwd_cpu(const LnArgs<T>& a) {
   });
 }
 
-// Rows in fixed chunks of kCpuRowChunk tokens of one sample; each chunk owns one partial slice.
-template <typename T, bool FUSED> void bwd_cpu(const LnArgs<T>& a) {
+// Rows in fixed chunks of kCpuRowChunk tokens of one sample, chunks spread over threads; each
+// chunk owns one slice of the partial buffer (null when nothing is broadcast): f(bi, n, part).
+template <typename T, typename F> void for_each_chunk_row(const LnArgs<T>& a, F&& f) {
   const int64_t grain = std::max<int64_t>(1, row_grain(a.D) / kCpuRowChunk);  // chunks, not rows
   at::parallel_for(0, a.B * a.P, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bi = t / a.P, p = t % a.P;
-      float* part = a.part ? a.part + t * kSlots * a.D : nullptr;  // null when nothing is broadcast
-      for (int64_t n = p * a.chunk; n < std::min(a.N, (p + 1) * a.chunk); ++n) {
-        const int64_t r = bi * a.N + n;
-        const acc mu = a.mean[r], rs = a.rstd[r];
-        const T *xr = a.x.row(bi, n), *go = a.dout.row(bi, n), *sc = a.scale.row(bi, n);
-        auto W = [&](int64_t d) { return a.w ? to_acc<acc>(a.w[d]) : acc(1); };
-        auto G = [&](int64_t d) { return ln_bwd_g<acc>(to_acc<acc>(go[d]), W(d), to_acc<acc>(sc[d])); };
-        auto XH = [&](int64_t d) { return (to_acc<acc>(xr[d]) - mu) * rs; };
-        const acc sg = lane_sum<acc>(a.D, G);
-        const acc sgx = lane_sum<acc>(a.D, [&](int64_t d) { return G(d) * XH(d); });
-        for (int64_t d = 0; d < a.D; ++d) {
-          const acc xh = XH(d), dout = to_acc<acc>(go[d]), s = to_acc<acc>(sc[d]);
-          const acc bb = a.b ? to_acc<acc>(a.b[d]) : acc(0);
-          acc dt = ln_bwd_dx<acc>(G(d), xh, rs, sg, sgx, a.D);
-          if constexpr (FUSED) {
-            dt += to_acc<acc>(a.dh.row(bi, n)[d]);
-            a.dy.row(bi, n)[d] = from_acc<T>(dt * to_acc<acc>(a.gate.row(bi, n)[d]));
-            const acc gy = dt * to_acc<acc>(a.y.row(bi, n)[d]);
-            if (a.gate_tok) a.dgate.row(bi, n)[d] = from_acc<T>(gy); else part[kGate * a.D + d] += gy;
-          }
-          a.dx.row(bi, n)[d] = from_acc<T>(dt);
-          const acc dsc = LnParamGrads::dscale<acc>(dout, xh, W(d), bb);
-          if (a.shift_tok) a.dshift.row(bi, n)[d] = from_acc<T>(dout); else part[kShift * a.D + d] += dout;
-          if (a.scale_tok) a.dscale.row(bi, n)[d] = from_acc<T>(dsc); else part[kScale * a.D + d] += dsc;
-          if (a.w) part[kWeight * a.D + d] += LnParamGrads::dweight<acc>(dout, xh, s);
-          if (a.b) part[kBias * a.D + d] += LnParamGrads::dbias<acc>(dout, s);
-        }
+      float* part = a.part ? a.part + t * kSlots * a.D : nullptr;
+      for (int64_t n = p * a.chunk; n < std::min(a.N, (p + 1) * a.chunk); ++n) f(bi, n, part);
+    }
+  });
+}
+
+template <typename T, bool FUSED> void bwd_cpu(const LnArgs<T>& a) {
+  for_each_chunk_row(a, [&](int64_t bi, int64_t n, float* part) {
+    const int64_t r = bi * a.N + n;
+    const acc mu = a.mean[r], rs = a.rstd[r];
+    const T *xr = a.x.row(bi, n), *go = a.dout.row(bi, n), *sc = a.scale.row(bi, n);
+    auto W = [&](int64_t d) { return a.w ? to_acc<acc>(a.w[d]) : acc(1); };
+    auto G = [&](int64_t d) { return ln_bwd_g<acc>(to_acc<acc>(go[d]), W(d), to_acc<acc>(sc[d])); };
+    auto XH = [&](int64_t d) { return (to_acc<acc>(xr[d]) - mu) * rs; };
+    const acc sg = lane_sum<acc>(a.D, G);
+    const acc sgx = lane_sum<acc>(a.D, [&](int64_t d) { return G(d) * XH(d); });
+    for (int64_t d = 0; d < a.D; ++d) {
+      const acc xh = XH(d), dout = to_acc<acc>(go[d]), s = to_acc<acc>(sc[d]);
+      const acc bb = a.b ? to_acc<acc>(a.b[d]) : acc(0);
+      acc dt = ln_bwd_dx<acc>(G(d), xh, rs, sg, sgx, a.D);
+      if constexpr (FUSED) {
+        dt += to_acc<acc>(a.dh.row(bi, n)[d]);
+        a.dy.row(bi, n)[d] = from_acc<T>(dt * to_acc<acc>(a.gate.row(bi, n)[d]));
+        const acc gy = dt * to_acc<acc>(a.y.row(bi, n)[d]);
+        if (a.gate_tok) a.dgate.row(bi, n)[d] = from_acc<T>(gy); else part[kGate * a.D + d] += gy;
       }
+      a.dx.row(bi, n)[d] = from_acc<T>(dt);
+      const acc dsc = LnParamGrads::dscale<acc>(dout, xh, W(d), bb);
+      if (a.shift_tok) a.dshift.row(bi, n)[d] = from_acc<T>(dout); else part[kShift * a.D + d] += dout;
+      if (a.scale_tok) a.dscale.row(bi, n)[d] = from_acc<T>(dsc); else part[kScale * a.D + d] += dsc;
+      if (a.w) part[kWeight * a.D + d] += LnParamGrads::dweight<acc>(dout, xh, s);
+      if (a.b) part[kBias * a.D + d] += LnParamGrads::dbias<acc>(dout, s);
     }
   });
 }
 
 // d(gate) of x + gate * y: per token directly, per sample through the partials' kGate slot.
 template <typename T> void gr_bwd_cpu(const LnArgs<T>& a) {
-  const int64_t grain = std::max<int64_t>(1, row_grain(a.D) / kCpuRowChunk);  // chunks, not rows
-  at::parallel_for(0, a.B * a.P, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bi = t / a.P, p = t % a.P;
-      float* part = a.part ? a.part + t * kSlots * a.D : nullptr;  // null when nothing is broadcast
-      for (int64_t n = p * a.chunk; n < std::min(a.N, (p + 1) * a.chunk); ++n) {
-        const T *go = a.dout.row(bi, n), *yr = a.y.row(bi, n), *gr = a.gate.row(bi, n);
-        for (int64_t d = 0; d < a.D; ++d) {
-          const acc g = to_acc<acc>(go[d]);
-          a.dy.row(bi, n)[d] = from_acc<T>(g * to_acc<acc>(gr[d]));
-          const acc gy = g * to_acc<acc>(yr[d]);
-          if (a.gate_tok) a.dgate.row(bi, n)[d] = from_acc<T>(gy); else part[kGate * a.D + d] += gy;
-        }
-      }
+  for_each_chunk_row(a, [&](int64_t bi, int64_t n, float* part) {
+    const T *go = a.dout.row(bi, n), *yr = a.y.row(bi, n), *gr = a.gate.row(bi, n);
+    for (int64_t d = 0; d < a.D; ++d) {
+      const acc g = to_acc<acc>(go[d]);
+      a.dy.row(bi, n)[d] = from_acc<T>(g * to_acc<acc>(gr[d]));
+      const acc gy = g * to_acc<acc>(yr[d]);
+      if (a.gate_tok) a.dgate.row(bi, n)[d] = from_acc<T>(gy); else part[kGate * a.D + d] += gy;
     }
   });
 }
