@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import effkernels.nn as enn
+from effkernels import ops
 from helpers import TOL, TOL_REDUCE, rel_err
 
 
@@ -174,6 +175,19 @@ def test_visible_attention_packed_equals_per_sample(seed):
     assert rel_err(out, ref) <= TOL_REDUCE[torch.float32]
 
 
+def test_visible_attention_keep_idx_attends_over_kept_tokens_only(seed):
+    attn = enn.VisibleAttention(24, 2)
+    x = torch.randn(3, 9, 24, requires_grad=True)
+    idx = ops.draw_route(3, 9, 4)
+    out = attn(x, keep_idx=idx)
+    kept = torch.stack([x[b, idx[b]] for b in range(3)])  # (B, K, D) by plain indexing
+    assert out.shape == (3, 4, 24)
+    assert rel_err(out, _plain_attention(attn, kept)) <= TOL_REDUCE[torch.float32]
+    out.sum().backward()
+    dropped = torch.ones(3, 9, dtype=torch.bool).scatter_(1, idx, False)
+    assert torch.all(x.grad[dropped] == 0) and x.grad[~dropped].abs().sum() > 0
+
+
 def test_visible_attention_errors():
     with pytest.raises(ValueError, match="num_heads"):
         enn.VisibleAttention(30, 4)
@@ -184,6 +198,10 @@ def test_visible_attention_errors():
         a(torch.randn(2, 3, 8))
     with pytest.raises(ValueError, match="packed"):
         a(torch.randn(2, 3, 16), cu_seqlens=torch.tensor([0, 3], dtype=torch.int32), max_seqlen=3)
+    with pytest.raises(ValueError, match="not both"):
+        a(torch.randn(3, 16), keep_idx=torch.tensor([[0]]), cu_seqlens=torch.tensor([0, 3]), max_seqlen=3)
+    with pytest.raises(ValueError, match="idx values"):
+        a(torch.randn(1, 3, 16), keep_idx=torch.tensor([[0, 5]]))
 
 
 # ---------------------------------------------------------------------------------------------

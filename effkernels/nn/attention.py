@@ -19,6 +19,8 @@ class VisibleAttention(nn.Module):
         backend: passed to effkernels.ops.visible_attention.
     forward(x (B, N, D)) -> (B, N, D): every sample attends over its N tokens (SDPA). With TREAD or
         MaskDiT the N tokens are the ones kept, gathered beforehand.
+    forward(x (B, N, D), keep_idx=(B, K) int) -> (B, K, D): only the tokens keep_idx names are
+        visible; they are gathered (effkernels.ops.route_gather) and attend among themselves.
     forward(x (T, D), cu_seqlens=(S + 1,) int, max_seqlen=int) -> (T, D): the visible tokens of
         S samples packed back to back; sample i owns rows cu_seqlens[i]:cu_seqlens[i + 1] and
         attention never crosses samples.
@@ -35,12 +37,16 @@ class VisibleAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, keep_idx: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
         H, Dh = self.num_heads, self.head_dim
         if not isinstance(x, torch.Tensor) or x.shape[-1] != self.dim:
             got = getattr(x, "shape", type(x).__name__)
             raise ValueError(f"x must be a tensor with last dim {self.dim}, got {got}")
+        if keep_idx is not None:
+            if cu_seqlens is not None:
+                raise ValueError("give keep_idx (fixed count per sample) or cu_seqlens (packed), not both")
+            x = ops.route_gather(x, keep_idx, backend=self.backend)  # (B, K, D)
         if cu_seqlens is None:
             if x.dim() != 3:
                 raise ValueError(f"x must be (B, N, D) without cu_seqlens, got shape {tuple(x.shape)}")
