@@ -17,4 +17,23 @@ $V/python -m pip install -q "torch==2.14.1"
 # fails with "cannot find -lcudart": name the toolkit's own folder when there is one.
 if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
 export MAX_JOBS=${MAX_JOBS:-2}
-$V/python -m pip install -q --no-build-isolation -e ".[dev,train]"
+# The install is editable, so Python changes need no reinstall; only the build inputs and the build
+# switches do. Skip the (minutes-long) nvcc rebuild when none of them changed since the last install.
+stamp=$($V/python - <<'PY'
+import hashlib, os, pathlib
+h = hashlib.sha256()
+for f in sorted([pathlib.Path("pyproject.toml"), pathlib.Path("setup.py"), *pathlib.Path("csrc").rglob("*")]):
+    if f.is_file() and "__pycache__" not in f.parts:
+        h.update(str(f).encode() + f.read_bytes())
+for k in sorted(os.environ):
+    if k in ("EFFKERNELS_BUILD_EXT", "EFFKERNELS_BUILD_CUDA", "EFFKERNELS_CUDA_ARCHS", "CUDA_HOME"):
+        h.update(f"{k}={os.environ[k]}".encode())
+print(h.hexdigest())
+PY
+)
+if [ "$(cat .venv/.effkernels-install 2>/dev/null)" = "$stamp" ] && $V/python -c "import effkernels" 2>/dev/null; then
+  echo "setup: .venv is up to date (rm .venv/.effkernels-install to force a reinstall)"
+else
+  $V/python -m pip install -q --no-build-isolation -e ".[dev,train]"
+  echo "$stamp" > .venv/.effkernels-install
+fi
