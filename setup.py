@@ -1,23 +1,20 @@
 """Build hook for effkernels: the Python packages, and the optional C++/CUDA extension effkernels._C.
 
+Packages are discovered under both roots, so a regular (non-editable) wheel carries every
+subpackage: effkernels/ as itself, python/models/ as effkernels.models (setuptools' package_dir).
 The extension is built by csrc/build_ext.py's `extensions()` (see the README's backends section);
 EFFKERNELS_BUILD_EXT=0 skips it. A failed optional build never breaks `import effkernels`.
 """
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-packages = [
-    "effkernels", "effkernels.reference", "effkernels._triton", "effkernels.ops", "effkernels.nn",
-    "effkernels._ext", "effkernels.models",
-]
+packages = find_packages(include=["effkernels", "effkernels.*"])
+models = ["effkernels.models"] + [f"effkernels.models.{p}" for p in find_packages("python/models")]
 package_dir = {"effkernels.models": "python/models"}
-for p in packages:
-    if p != "effkernels.models":
-        package_dir[p] = p.replace(".", "/")
 
 kwargs = {}
 if os.environ.get("EFFKERNELS_BUILD_EXT", "1") != "0" and os.path.exists("csrc/build_ext.py"):
@@ -25,4 +22,4 @@ if os.environ.get("EFFKERNELS_BUILD_EXT", "1") != "0" and os.path.exists("csrc/b
 
     kwargs = build_kwargs()
 
-setup(packages=packages, package_dir=package_dir, **kwargs)
+setup(packages=packages + models, package_dir=package_dir, **kwargs)

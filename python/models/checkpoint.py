@@ -7,7 +7,9 @@ Layout:
     model       the raw model's state_dict
     ema         the EMA model's state_dict
     optimizer   optimizer.state_dict()
-    method      the method's own state (extra modules, schedules), may be {}
+    method      the method's own parts: modules (its trainable modules' state_dict), ema (EMA copies
+                of its generator modules, by name), aux ({name: {module, optimizer}}), state
+                (its non-module state)
     rng         capture_rng() of every rank, a list indexed by rank
     meta        dict of plain values: model name and kwargs, data spec, value range, sample shape, args
 """
@@ -77,6 +79,28 @@ def model_from_checkpoint(ckpt: dict, ema: bool = True):
     key = "ema" if ema and ckpt.get("ema") else "model"
     model.load_state_dict(ckpt[key])
     return model, meta
+
+
+def generator_from_checkpoint(ckpt: dict, ema: bool = True):
+    """(method, models, meta): the checkpoint's method rebuilt from its options, and the generator
+    {"backbone": DiT, **the method's generator modules} loaded with the EMA (or raw) weights."""
+    from .methods import args_from_json, build_method
+
+    model, meta = model_from_checkpoint(ckpt, ema=ema)
+    method = build_method(meta.get("method", "sit"), model, args_from_json(meta.get("args_json")))
+    parts = ckpt.get("method") or {}
+    modules = method.modules()
+    models = {"backbone": model}
+    for k in method.generator_modules:
+        if ema and k in parts.get("ema", {}):
+            sd = parts["ema"][k]
+        else:
+            sd = {n[len(k) + 1:]: v for n, v in parts.get("modules", {}).items() if n.startswith(k + ".")}
+        if not sd:
+            raise CheckpointError(f"checkpoint has no weights for the method's generator module {k!r}")
+        modules[k].load_state_dict(sd)
+        models[k] = modules[k].eval()
+    return method, models, meta
 
 
 # -----------------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ Sources (`load_dataset(spec)`):
                    loaded with PIL, resized to `image_size`, scaled to [-1, 1].
   <file>.npz       pre-computed latents: array "x" (or "latents"/"images"), (N, C, H, W) float, and
                    "y" (or "labels"), (N,) int; how DiT users train on ImageNet (VAE latents).
+                   Every other array with N rows is a per-sample extra (e.g. "feat": pre-computed
+                   encoder features beside the latents, "image": the raw image beside its latent),
+                   kept in `extras` and passed to a method that asks for it (Method.batch_keys).
   <file>.npy       latents (N, C, H, W); labels from <file-stem>_labels.npy if it exists, else all 0.
 The value range of images is [-1, 1]; for latents it is None (unbounded: samplers do not clamp).
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +38,7 @@ class ArrayDataset:
     num_classes: int
     name: str
     value_range: tuple | None = (-1.0, 1.0)
+    extras: dict = field(default_factory=dict)  # name -> (N, ...) tensor, one row per sample
 
     def __post_init__(self):
         if self.x.dim() != 4:
@@ -50,6 +54,12 @@ class ArrayDataset:
         if int(self.y.min()) < 0 or int(self.y.max()) >= self.num_classes:
             raise DataError(f"{self.name}: labels must lie in [0, {self.num_classes}), got "
                             f"[{int(self.y.min())}, {int(self.y.max())}]")
+        for k, v in self.extras.items():
+            if not torch.is_tensor(v) or v.dim() < 1 or v.shape[0] != self.x.shape[0]:
+                raise DataError(f"{self.name}: extra array {k!r} must have one row per sample ({self.x.shape[0]}), "
+                                f"got {tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}")
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise DataError(f"{self.name}: extra array {k!r} contains NaN or inf")
 
     def __len__(self):
         return self.x.shape[0]
@@ -133,7 +143,7 @@ def load_image_folder(root: str, image_size: int | None = None, channels: int | 
 def _pick(npz, names, path, what):
     for n in names:
         if n in npz.files:
-            return npz[n]
+            return n, npz[n]
     raise DataError(f"latent file {path!r} has no {what} array (looked for {', '.join(names)}; found "
                     f"{', '.join(npz.files) or 'nothing'})")
 
@@ -143,12 +153,14 @@ def load_latents(path: str) -> ArrayDataset:
     try:
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as z:
-                x = _pick(z, ("x", "latents", "images"), path, "latent")
-                y = _pick(z, ("y", "labels"), path, "label")
+                xk, x = _pick(z, ("x", "latents", "images"), path, "latent")
+                yk, y = _pick(z, ("y", "labels"), path, "label")
+                extras = {k: z[k] for k in z.files if k not in (xk, yk)}
         else:
             x = np.load(path, allow_pickle=False)
             lab = path[:-4] + "_labels.npy"
             y = np.load(lab, allow_pickle=False) if os.path.isfile(lab) else np.zeros(len(x), np.int64)
+            extras = {}
     except DataError:
         raise
     except Exception as e:
@@ -160,7 +172,13 @@ def load_latents(path: str) -> ArrayDataset:
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     yt = torch.from_numpy(y.astype(np.int64))
     ncls = int(yt.max()) + 1 if len(yt) else 1
-    return ArrayDataset(xt, yt, ncls, path, value_range=None)
+    ext = {}
+    for k, v in extras.items():
+        if not np.issubdtype(v.dtype, np.number) and v.dtype != np.bool_:
+            raise DataError(f"latent file {path!r}: extra array {k!r} must be numeric, got {v.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(v))
+        ext[k] = t.float() if t.is_floating_point() else t
+    return ArrayDataset(xt, yt, ncls, path, value_range=None, extras=ext)
 
 
 def load_dataset(spec: str, image_size: int | None = None) -> ArrayDataset:

@@ -1,12 +1,12 @@
-"""Multi-process data parallelism: process group from torchrun's environment, gradient averaging.
+"""Multi-process data parallelism: the process group from torchrun's environment, and torch's
+DistributedDataParallel around what the trainer optimises.
 
-Gradients are averaged with one coalesced all_reduce per step after backward, rather than by wrapping
-the model in DistributedDataParallel. The methods are why: several own trainable modules that run
-outside the backbone's forward (REPA's projector, MaskDiT's decoder), call the backbone more than
-once per step or only partly (SRA's teacher with stop_at, ERW's warm-up), or leave parameters unused
-on some steps; DDP's reducer needs find_unused_parameters and one forward per backward for those.
-An explicit all_reduce over every trainable parameter is correct for all of them, and on the small
-models this library trains on CPU the lost compute/communication overlap is negligible.
+The trainer wraps one module holding the backbone and the method's trainable modules (projectors,
+decoders) in DistributedDataParallel, so gradients are averaged in buckets while the backward runs,
+as at scale; a discriminator with its own optimizer gets a wrapper of its own. Methods that leave
+parameters without a gradient on some steps say so (Method.find_unused_parameters), and DDP then
+looks for them; a parameter that no rank used keeps grad None, exactly as in a single process, so
+AdamW skips it either way. Partial forwards (SRA's teacher) run on the EMA copy, outside DDP.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
 @dataclass
@@ -61,44 +60,31 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-@torch.no_grad()
-def broadcast_params(params) -> None:
-    """Copy rank 0's parameters (and buffers) to every rank, so all start from the same weights."""
-    if not current().enabled:
-        return
-    tensors = [p.data for p in params]
-    if not tensors:
-        return
-    flat = _flatten_dense_tensors(tensors)
-    dist.broadcast(flat, 0)
-    for t, f in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
-        t.copy_(f)
+def wrap(module: torch.nn.Module, device: torch.device, *, find_unused_parameters: bool = False):
+    """`module` inside DistributedDataParallel when there is a process group, else itself.
 
-
-@torch.no_grad()
-def average_gradients(params) -> None:
-    """grad <- mean over ranks of grad, for every parameter that requires grad.
-
-    A parameter without a grad on this rank counts as zero (a method may skip a module on a step),
-    and is given a zero grad first so that every rank passes the same flat buffer to all_reduce.
+    Module states are broadcast from rank 0 when the wrapper is built (DDP does it), so every rank
+    starts from rank 0's weights. Buffers are not re-broadcast each forward (broadcast_buffers=False):
+    the backbone's only buffer, the sin-cos position table, is constant.
     """
+    if not current().enabled or not any(p.requires_grad for p in module.parameters()):
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
+
+
+def per_rank(value: torch.Tensor) -> list[float]:
+    """[value on rank 0, value on rank 1, ...] of a scalar tensor; one small all_reduce."""
     info = current()
     if not info.enabled:
-        return
-    params = [p for p in params if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    # one all_reduce per dtype/device group keeps the collective count at one for the usual fp32 model
-    groups: dict = {}
-    for p in params:
-        groups.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
-    for grads in groups.values():
-        flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat)
-        flat /= info.world_size
-        for g, f in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            g.copy_(f)
+        return [float(value.detach())]
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl reduces CUDA tensors only
+    t = torch.zeros(info.world_size, dtype=torch.float64, device=dev)
+    t[info.rank] = value.detach().to(device=dev, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def all_gather_objects(obj) -> list:
@@ -118,10 +104,5 @@ def barrier() -> None:
 
 def all_reduce_mean(value: float) -> float:
     """The mean of a Python number over ranks (for logging the global loss)."""
-    info = current()
-    if not info.enabled:
-        return value
-    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl reduces CUDA tensors only
-    t = torch.tensor([float(value)], dtype=torch.float64, device=dev)
-    dist.all_reduce(t)
-    return t.item() / info.world_size
+    vals = per_rank(torch.tensor(float(value)))
+    return sum(vals) / len(vals)

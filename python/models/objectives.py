@@ -48,6 +48,20 @@ def score_from_velocity(v: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
     return -(x_t + (1 - tt) * v) / tt
 
 
+def mean_prediction(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The prediction shaped like `like` (B, C, ...): `out` itself, or its first C channels when the
+    model also predicts a variance (DiT's learn_sigma: 2C channels, mean first, as DiT and SiT split
+    them). Any other shape is an error: broadcasting a wrong shape would train on a wrong target."""
+    if out.shape == like.shape:
+        return out
+    c = like.shape[1] if like.dim() > 1 else None
+    if c is not None and out.dim() == like.dim() and out.shape[1] == 2 * c and out.shape[2:] == like.shape[2:] \
+            and out.shape[0] == like.shape[0]:
+        return out[:, :c]
+    raise ValueError(f"the model's output {tuple(out.shape)} matches neither the target {tuple(like.shape)} "
+                     "nor a learned-sigma output (B, 2C, ...)")
+
+
 # -----------------------------------------------------------------------------------------------
 # The objective
 # -----------------------------------------------------------------------------------------------
@@ -102,6 +116,7 @@ class FlowMatching:
         hidden = None
         if isinstance(out, tuple):
             out, hidden = out
+        out = mean_prediction(out, target)  # the flow loss has no variance term: a sigma half is unused
         # fp32 loss whatever the autocast dtype: the per-sample mean of small squared errors is where bf16 hurts.
         per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)
         res = {"loss": per_sample.mean(), "loss_per_sample": per_sample.detach(), "t": t, "noise": noise, "x_t": x_t,

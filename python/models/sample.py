@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from .objectives import mean_prediction
+
 SAMPLERS = ("euler", "heun", "euler-maruyama")
 
 
@@ -27,28 +29,40 @@ SAMPLERS = ("euler", "heun", "euler-maruyama")
 # -----------------------------------------------------------------------------------------------
 
 
-def guided_velocity(model, x, t: float, y, *, cfg_scale: float = 1.0, guidance_interval=(0.0, 1.0),
-                    null_class: int | None = None, **model_kwargs) -> torch.Tensor:
-    """v = v_u + s (v_c - v_u) when t lies in [low, high] and s != 1, else the conditional v_c.
-
-    Both halves go through one forward on the doubled batch, as DiT does, so a block sees the same
-    batch statistics either way.
-    """
-    tv = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
-    low, high = guidance_interval
-    if cfg_scale == 1.0 or y is None or not (low <= t <= high):
-        return _v(model(x, tv, y, **model_kwargs))
+def cfg_forward(model, x, t, y, cfg_scale: float, *, null_class: int | None = None, guided_channels: int | None = None,
+                **model_kwargs) -> torch.Tensor:
+    """Classifier-free guidance in one forward on the doubled batch, as DiT does (a block then sees
+    the same batch either way): out_u + s (out_c - out_u) on the first `guided_channels` channels
+    (default: all), the rest (a learned-sigma half) from the conditional branch. t: (B,) or scalar."""
     if null_class is None:
         null_class = getattr(model, "num_classes", None)
     if null_class is None:
-        raise ValueError("guided_velocity: cfg_scale != 1 needs null_class (or a model with .num_classes)")
-    y_null = torch.full_like(y, null_class)
-    out = _v(model(torch.cat([x, x]), torch.cat([tv, tv]), torch.cat([y, y_null]), **model_kwargs))
-    v_c, v_u = out.chunk(2)
-    return v_u + cfg_scale * (v_c - v_u)
+        raise ValueError("cfg_scale != 1 needs null_class (or a model with .num_classes)")
+    t = torch.as_tensor(t, device=x.device)
+    t = t.expand(x.shape[0]) if t.dim() == 0 else t
+    out = _output(model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]),
+                        **model_kwargs))
+    cond, uncond = out.chunk(2)
+    c = cond.shape[1] if guided_channels is None else guided_channels
+    guided = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])
+    return guided if c == cond.shape[1] else torch.cat([guided, cond[:, c:]], dim=1)
 
 
-def _v(out):
+def guided_velocity(model, x, t: float, y, *, cfg_scale: float = 1.0, guidance_interval=(0.0, 1.0),
+                    null_class: int | None = None, **model_kwargs) -> torch.Tensor:
+    """The velocity, guided (cfg_forward) when t lies in [low, high] and s != 1, else the conditional
+    one; a learned-sigma half of the output is dropped (the samplers need only the mean)."""
+    low, high = guidance_interval
+    if cfg_scale == 1.0 or y is None or not (low <= t <= high):
+        tv = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
+        out = _output(model(x, tv, y, **model_kwargs))
+    else:
+        out = cfg_forward(model, x, float(t), y, cfg_scale, null_class=null_class, guided_channels=x.shape[1],
+                          **model_kwargs)
+    return mean_prediction(out, x)
+
+
+def _output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -183,7 +197,8 @@ def main(argv=None) -> int:
 
     import effkernels
 
-    from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from .checkpoint import CheckpointError, generator_from_checkpoint, load_checkpoint
+    from .cli import check_backend_arg
 
     p = build_parser()
     args = p.parse_args(argv)
@@ -192,16 +207,15 @@ def main(argv=None) -> int:
     _positive(p, "--batch-size", args.batch_size)
     if not (0.0 <= args.guidance_low <= args.guidance_high <= 1.0):
         p.error("--guidance-low/--guidance-high must satisfy 0 <= low <= high <= 1")
-    from .train import _check_backend
-
-    _check_backend(p, args.backend, args.device)
+    check_backend_arg(p, args.backend, args.device)
     try:
         ckpt = load_checkpoint(args.ckpt)
-        model, meta = model_from_checkpoint(ckpt, ema=not args.no_ema)
-    except CheckpointError as e:
+        method, models, meta = generator_from_checkpoint(ckpt, ema=not args.no_ema)
+    except (CheckpointError, ValueError) as e:
         print(f"effkernels-sample: error: {e}", file=sys.stderr)
         return 2
-    model = model.to(args.device).eval()
+    models = {k: m.to(args.device).eval() for k, m in models.items()}
+    model = models["backbone"]
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     ncls = int(getattr(model, "num_classes", 1) or 1)
     labels = torch.arange(args.num) % ncls
@@ -212,9 +226,10 @@ def main(argv=None) -> int:
         for s in range(0, args.num, args.batch_size):
             y = labels[s:s + args.batch_size].to(args.device)
             noise = torch.randn((y.shape[0], *shape), generator=gen).to(args.device)
-            outs.append(sample(model, y, noise=noise, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                               guidance_interval=(args.guidance_low, args.guidance_high), generator=gen,
-                               clamp=value_range).cpu())
+            # the method samples: a consistency model in one or two steps, MaskDiT through its decoder
+            outs.append(method.sample(models, y, noise, sampler=args.sampler, steps=args.steps,
+                                      cfg_scale=args.cfg_scale, guidance_interval=(args.guidance_low, args.guidance_high),
+                                      generator=gen, clamp=value_range).cpu())
     images = torch.cat(outs)
     npz = args.out + ".npz"
     os.makedirs(os.path.dirname(os.path.abspath(npz)), exist_ok=True)

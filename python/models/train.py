@@ -1,15 +1,14 @@
 """One trainer for every method: `effkernels-train` / `python -m effkernels.models.train`.
 
     effkernels-train --data digits --out runs/digits            # the baseline (SiT) on digits, CPU-sized defaults
+    effkernels-train --method tread+repa ...                     # methods compose with '+'
     torchrun --nproc_per_node 2 -m effkernels.models.train ...  # data parallel (gloo on CPU, nccl on GPU)
 
-A method is an object with `loss(model, batch, step) -> dict` (key "loss" required, other scalar
-entries are logged), registered by name with `register_method`. Optionally it has `module`, an
-nn.Module of its own trainable parts (optimised, gradient-averaged and checkpointed with the model),
-and `attach(trainer)`, called once, for methods that need the EMA model or the data set; methods with
-a second optimiser (ACT's discriminator) step it inside `loss` and expose `state_dict()` /
-`load_state_dict()` so that it is checkpointed. A factory's static `add_args(parser)` adds its options.
-`batch` is dict(x=(B, C, H, W), y=(B,), generator=torch.Generator seeded by (seed, step, rank)).
+Methods live in effkernels.models.methods (the protocol is in methods/base.py): the trainer builds the
+method from `--method`, optimises the backbone together with the method's own modules (one AdamW,
+one DistributedDataParallel wrapper), steps the method's aux modules (a discriminator) with
+optimizers of their own, keeps an EMA of the generator (backbone and the method's generator
+modules), and lets the method sample for evaluation.
 
 Defaults are the CPU digits job: tiny/2 (16 tokens), 1000 steps of batch 64, lr 2e-3, EMA 0.999 with warm-up
 (decay_k = min(0.999, (1 + k) / (10 + k))): SiT's 0.9999 averages over ~10K steps, longer than the
@@ -18,83 +17,25 @@ whole run, so it would still be mostly the initial weights at the end.
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
+import glob
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from . import ddp
-from .checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import CheckpointError, capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from .cli import check_backend_arg
 from .data import DataError, batch_indices, load_dataset
-from .objectives import FlowMatching
+from .ema import EMA
+from .methods import (METHODS, ConfigError, add_method_args, build_method, parse_spec,  # noqa: F401 (re-exported)
+                      register_method)
 from .runlog import MetricsLog, Progress, plot_curves
-
-# -----------------------------------------------------------------------------------------------
-# Methods
-# -----------------------------------------------------------------------------------------------
-
-METHODS: dict[str, Callable] = {}
-
-
-def register_method(name: str):
-    """Decorator: METHODS[name] = factory(model, args) -> method object."""
-    def deco(factory):
-        METHODS[name] = factory
-        return factory
-    return deco
-
-
-@register_method("sit")
-class SiT:
-    """The baseline: SiT's flow-matching loss, nothing else."""
-
-    def __init__(self, model=None, args=None):
-        self.objective = FlowMatching()
-
-    def loss(self, model, batch, step) -> dict:
-        res = self.objective.loss(model, batch["x"], batch["y"], batch.get("generator"),
-                                  t=batch.get("t"), noise=batch.get("noise"))
-        return {"loss": res["loss"]}
-
-
-def _load_plugin_methods() -> None:
-    """Methods living in effkernels.models.methods register themselves on import, if that package exists."""
-    try:
-        import effkernels.models.methods  # noqa: F401
-    except ModuleNotFoundError as e:
-        if e.name not in ("effkernels.models.methods",):
-            raise
-
-
-# -----------------------------------------------------------------------------------------------
-# EMA
-# -----------------------------------------------------------------------------------------------
-
-
-class EMA:
-    """Exponential moving average of a model's parameters (buffers copied), with optional warm-up."""
-
-    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.warmup = decay, warmup
-
-    def decay_at(self, step: int) -> float:
-        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        d = self.decay_at(step)
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - d)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
-
 
 # -----------------------------------------------------------------------------------------------
 # The trainer
@@ -113,8 +54,44 @@ def _checkpoint_blocks(model) -> None:
         blk.forward = functools.partial(lambda f, *a, **k: checkpoint(f, *a, use_reentrant=False, **k), fwd)
 
 
-class ConfigError(ValueError):
-    """A setting that argparse cannot check alone (it depends on the data, the checkpoint or the world size)."""
+class TrainModule(nn.Module):
+    """What the main optimizer trains and DistributedDataParallel wraps: the backbone and the method's
+    modules; forward(batch, step) is the method's loss, so DDP sees the whole step's graph.
+
+    `forward_backbone` is what the method calls (the backbone, or its torch.compile'd form); it is
+    held outside the module tree so that state_dict keys stay backbone.* and modules.*.
+    """
+
+    def __init__(self, backbone: nn.Module, modules: nn.ModuleDict, method, forward_backbone=None):
+        super().__init__()
+        self.backbone, self.modules_ = backbone, modules
+        self._method = method
+        self._forward = [forward_backbone if forward_backbone is not None else backbone]
+
+    def forward(self, batch: dict, step: int) -> dict:
+        return self._method.loss(self._forward[0], batch, step)
+
+
+class AuxStep(nn.Module):
+    """One aux module (a discriminator) and the loss its own optimizer minimises, for DDP to wrap."""
+
+    def __init__(self, name: str, module: nn.Module, method):
+        super().__init__()
+        self.name, self.module, self._method = name, module, method
+
+    def forward(self, batch: dict, step: int, out: dict) -> dict:
+        return self._method.aux_loss(self.name, self.module, batch, step, out)
+
+
+def make_optimizer(params, device: torch.device, **kw) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel over all parameters) where torch has it for the device: CPU and CUDA."""
+    fused = device.type in ("cpu", "cuda") and all(p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kw)
+
+
+def stale_temp_files(path: str) -> list[str]:
+    """Temp files that save_checkpoint leaves beside `path` when a process dies mid-write."""
+    return glob.glob(glob.escape(os.path.abspath(path)) + ".*.tmp")
 
 
 class Trainer:
@@ -130,30 +107,45 @@ class Trainer:
             raise ConfigError(f"--batch-size {args.batch_size} is not divisible by the "
                               f"{self.dist.world_size} processes")
         self.ds = ds if ds is not None else load_dataset(args.data)
-        torch.manual_seed(args.seed)  # same initial weights on every rank (also broadcast below)
+        torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
         kw = {"input_size": self.ds.size, "in_channels": self.ds.channels, "num_classes": self.ds.num_classes}
         kw.update(args.model_kwargs or {})
         self.model_kwargs = kw
         self.model = build(args.model, **kw).to(self.device)
-        self.method = METHODS[args.method](self.model, args)
-        extra = getattr(self.method, "module", None)
-        self.extra = extra.to(self.device) if extra is not None else None
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.extra is not None:
-            self.params += [p for p in self.extra.parameters() if p.requires_grad]
-        ddp.broadcast_params(list(self.model.parameters()) + list(self.model.buffers()) +
-                             (list(self.extra.parameters()) if self.extra is not None else []))
-        self.ema = EMA(self.model, args.ema, warmup=not args.ema_no_warmup)
+        self.method = build_method(args.method, self.model, args)
+        missing = [k for k in self.method.batch_keys if k not in self.ds.extras]
+        if missing:
+            raise ConfigError(f"--method {args.method} needs the per-sample arrays {missing} in --data "
+                              f"{args.data!r}, which has {sorted(self.ds.extras) or 'none'}")
+        self.modules = nn.ModuleDict(self.method.modules()).to(self.device)
+        aux = self.method.aux_modules()
+        self.aux = {k: a for k, a in aux.items()}
+        for a in self.aux.values():
+            a.module.to(self.device)
         if args.grad_ckpt:
             _checkpoint_blocks(self.model)
-        self.forward_model = torch.compile(self.model) if args.compile else self.model
-        self.opt = torch.optim.AdamW(self.params, lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
+        fwd = torch.compile(self.model) if args.compile else self.model
+        self.train_module = TrainModule(self.model, self.modules, self.method, fwd)
+        self.ddp_module = ddp.wrap(self.train_module, self.device,
+                                   find_unused_parameters=self.method.find_unused_parameters)
+        self.ema = EMA(self.generator(), args.ema, warmup=not args.ema_no_warmup)
+        self.params = [p for p in self.train_module.parameters() if p.requires_grad]
+        self.opt = make_optimizer(self.params, self.device, lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
+        self.aux_steps, self.aux_opts = {}, {}
+        for k, a in self.aux.items():
+            self.aux_steps[k] = ddp.wrap(AuxStep(k, a.module, self.method), self.device,
+                                         find_unused_parameters=self.method.find_unused_parameters)
+            self.aux_opts[k] = make_optimizer([p for p in a.module.parameters() if p.requires_grad], self.device,
+                                              lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
         self.step = 0
         # each rank draws its own label dropout from the global RNG
         torch.manual_seed(args.seed * 1000 + 17 + self.dist.rank)
-        if hasattr(self.method, "attach"):
-            self.method.attach(self)
+        self.method.attach(self)
         self.evaluator = None
+
+    def generator(self) -> dict[str, nn.Module]:
+        """The live modules that generate samples: the backbone and the method's generator modules."""
+        return {"backbone": self.model, **{k: self.modules[k] for k in self.method.generator_modules}}
 
     # --- state -----------------------------------------------------------------------------------
     def meta(self) -> dict:
@@ -165,11 +157,13 @@ class Trainer:
 
     def state_dict(self) -> dict:
         rngs = ddp.all_gather_objects(capture_rng())
-        extra = self.extra.state_dict() if self.extra is not None else {}
-        own = self.method.state_dict() if hasattr(self.method, "state_dict") else {}
-        return {"step": self.step, "model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
-                "optimizer": self.opt.state_dict(), "method": extra, "method_state": own, "rng": rngs,
-                "meta": self.meta()}
+        ema = self.ema.state_dict()
+        method = {"modules": self.modules.state_dict(), "ema": {k: v for k, v in ema.items() if k != "backbone"},
+                  "aux": {k: {"module": a.module.state_dict(), "optimizer": self.aux_opts[k].state_dict()}
+                          for k, a in self.aux.items()},
+                  "state": self.method.state_dict()}
+        return {"step": self.step, "model": self.model.state_dict(), "ema": ema["backbone"],
+                "optimizer": self.opt.state_dict(), "method": method, "rng": rngs, "meta": self.meta()}
 
     def save(self, path: str) -> None:
         state = self.state_dict()  # collective: every rank takes part, rank 0 writes
@@ -179,16 +173,31 @@ class Trainer:
 
     def load(self, path: str) -> None:
         ck = load_checkpoint(path, map_location=self.device)
-        if ck["meta"].get("model") != self.args.model:
-            raise ConfigError(f"checkpoint {path!r} holds model {ck['meta'].get('model')!r}, "
-                                  f"not --model {self.args.model!r}")
+        meta = ck.get("meta", {})
+        if meta.get("model") != self.args.model:
+            raise ConfigError(f"checkpoint {path!r} holds model {meta.get('model')!r}, not --model {self.args.model!r}")
+        if meta.get("method") != self.args.method:
+            raise ConfigError(f"checkpoint {path!r} was trained with --method {meta.get('method')!r}, not "
+                              f"--method {self.args.method!r}; resume with the same method")
+        m = ck.get("method")
+        if not isinstance(m, dict) or "modules" not in m:
+            raise CheckpointError(f"checkpoint {path!r} has no method section: written by an older effkernels-train")
+        own = self.method.state_dict()
+        for what, have, need in (("modules", m.get("modules", {}), self.modules.state_dict()),
+                                 ("EMA modules", m.get("ema", {}), dict.fromkeys(self.method.generator_modules)),
+                                 ("aux modules", m.get("aux", {}), self.aux),
+                                 ("state", m.get("state", {}), own)):
+            if need and not have:
+                raise CheckpointError(f"checkpoint {path!r} lacks the method's {what} ({sorted(need)[:4]}...): "
+                                      "it would silently start them afresh")
         self.model.load_state_dict(ck["model"])
-        self.ema.model.load_state_dict(ck["ema"])
+        self.modules.load_state_dict(m["modules"])
+        self.ema.load_state_dict({"backbone": ck["ema"], **m.get("ema", {})})
         self.opt.load_state_dict(ck["optimizer"])
-        if self.extra is not None and ck.get("method"):
-            self.extra.load_state_dict(ck["method"])
-        if hasattr(self.method, "load_state_dict") and ck.get("method_state"):
-            self.method.load_state_dict(ck["method_state"])
+        for k, a in self.aux.items():
+            a.module.load_state_dict(m["aux"][k]["module"])
+            self.aux_opts[k].load_state_dict(m["aux"][k]["optimizer"])
+        self.method.load_state_dict(m.get("state", {}))
         rngs = ck["rng"]
         if len(rngs) == self.dist.world_size:
             restore_rng(rngs[self.dist.rank])
@@ -201,43 +210,83 @@ class Trainer:
 
     # --- one step ----------------------------------------------------------------------------------
     def make_batch(self, step: int) -> dict:
-        """This rank's shard of the global batch of `step` (the same global batch whatever the world size)."""
+        """This rank's shard of the global batch of `step` (the same global batch whatever the world size),
+        with the data set's extra per-sample arrays under their names."""
         idx = batch_indices(len(self.ds), self.args.batch_size, self.args.seed, step)
         per = self.args.batch_size // self.dist.world_size
         idx = idx[self.dist.rank * per:(self.dist.rank + 1) * per]
         g = torch.Generator(device=self.device).manual_seed(
             (self.args.seed * 7_919 + step * 1_000_003 + self.dist.rank) % (2**63))
-        return {"x": self.ds.x[idx].to(self.device, non_blocking=True), "y": self.ds.y[idx].to(self.device),
-                "generator": g}
+        batch = {"x": self.ds.x[idx].to(self.device, non_blocking=True), "y": self.ds.y[idx].to(self.device),
+                 "generator": g}
+        for k in self.method.batch_keys:
+            batch[k] = self.ds.extras[k][idx].to(self.device, non_blocking=True)
+        return batch
+
+    def _check_finite(self, loss: torch.Tensor, what: str) -> None:
+        """Every rank learns every rank's loss (one small all_reduce), so all stop together on a bad one."""
+        vals = ddp.per_rank(loss)
+        bad = [r for r, v in enumerate(vals) if not math.isfinite(v)]
+        if bad:
+            where = f" on rank(s) {bad} of {len(vals)}" if len(vals) > 1 else ""
+            raise FloatingPointError(f"{what} is not finite at step {self.step}{where}: {vals if len(vals) > 1 else vals[0]}")
+
+    def _lr(self, base: float) -> float:
+        """Linear warm-up over --warmup steps, then constant."""
+        w = self.args.warmup
+        return base * min(1.0, (self.step + 1) / w) if w else base
 
     def train_step(self, batch: dict) -> dict:
-        self.model.train()
+        self.train_module.train()
         amp = self.device.type == "cuda"  # bf16 autocast on GPU only: CPU bf16 matmuls are slower here
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-            out = self.method.loss(self.forward_model, batch, self.step)
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ddp.average_gradients(self.params)
+        aux_params = [p for a in self.aux.values() for p in a.module.parameters() if p.requires_grad]
+        for p in aux_params:  # the generator's loss may run the discriminator: no gradient into it there
+            p.requires_grad_(False)
+        try:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                out = self.ddp_module(batch, self.step)
+            loss = out["loss"]
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()  # DDP averages gradients in buckets during this backward
+        finally:
+            for p in aux_params:
+                p.requires_grad_(True)
+        self._check_finite(loss, "loss")
         gn = torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)
-        lr = self.args.lr * min(1.0, (self.step + 1) / self.args.warmup) if self.args.warmup else self.args.lr
+        lr = self._lr(self.args.lr)
         for gr in self.opt.param_groups:
             gr["lr"] = lr
         self.opt.step()
-        self.step += 1
-        self.ema.update(self.model, self.step)
         logs = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+        for k, a in self.aux.items():
+            logs.update(self._aux_step(k, a, batch, out))
+        self.step += 1
+        self.ema.update(self.generator(), self.step)
         logs.update(grad_norm=float(gn), lr=lr)
+        return logs
+
+    def _aux_step(self, name: str, aux, batch: dict, out: dict) -> dict:
+        opt = self.aux_opts[name]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            res = self.aux_steps[name](batch, self.step, out)
+        opt.zero_grad(set_to_none=True)
+        res["loss"].backward()
+        self._check_finite(res["loss"], f"{name} loss")
+        logs = {f"{name}_{k}": float(v.detach()) for k, v in res.items() if torch.is_tensor(v) and v.numel() == 1}
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if aux.grad_clip:
+            logs[f"{name}_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, aux.grad_clip))
+        for gr in opt.param_groups:
+            gr["lr"] = self._lr(aux.lr)
+        opt.step()
         return logs
 
     # --- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, grid_path: str | None = None) -> dict:
-        """FD and class accuracy of EMA samples (Heun, no guidance); rank 0 only."""
+        """FD and class accuracy of samples from the EMA generator (the method's sampler); rank 0 only."""
         from .metrics import Evaluator
-        from .sample import sample, save_grid
+        from .sample import save_grid
 
         if self.evaluator is None:
             self.evaluator = Evaluator(self.ds)
@@ -247,8 +296,9 @@ class Trainer:
         noise = torch.randn((n, self.ds.channels, self.ds.size, self.ds.size), generator=g)
         imgs = []
         for s in range(0, n, 500):
-            imgs.append(sample(self.ema.model, y[s:s + 500].to(self.device), noise=noise[s:s + 500].to(self.device),
-                               sampler="heun", steps=self.args.eval_steps, clamp=self.ds.value_range).cpu())
+            imgs.append(self.method.sample(self.ema.models, y[s:s + 500].to(self.device),
+                                           noise[s:s + 500].to(self.device), sampler="heun",
+                                           steps=self.args.eval_steps, clamp=self.ds.value_range).cpu())
         imgs = torch.cat(imgs)
         res = self.evaluator(imgs, y)
         if grid_path and self.ds.value_range is not None and self.ds.channels in (1, 3):
@@ -260,9 +310,12 @@ class Trainer:
     def run(self) -> dict:
         a, main = self.args, self.dist.is_main
         os.makedirs(a.out, exist_ok=True)
-        resume = a.resume
-        if resume == "auto":
-            resume = os.path.join(a.out, "last.pt") if os.path.isfile(os.path.join(a.out, "last.pt")) else None
+        ckpt_path = os.path.join(a.out, "last.pt")
+        if main:
+            # A process killed inside save_checkpoint leaves its temp file (a whole checkpoint) behind.
+            for tmp in stale_temp_files(ckpt_path):
+                os.unlink(tmp)
+        resume = latest_checkpoint(a.out) if a.resume == "auto" else a.resume
         if resume:
             self.load(resume)
         log = MetricsLog(a.out, resume_step=self.step if resume else None) if main else None
@@ -303,9 +356,9 @@ class Trainer:
             if a.eval_every and (self.step % a.eval_every == 0 or self.step == a.steps):
                 do_eval()
             if a.ckpt_every and self.step % a.ckpt_every == 0 and self.step < a.steps:
-                self.save(os.path.join(a.out, "last.pt"))
+                self.save(ckpt_path)
         bar.close()
-        self.save(os.path.join(a.out, "last.pt"))
+        self.save(ckpt_path)
         if main:
             curves = plot_curves(log.jsonl, os.path.join(a.out, "curves.png"))
             final.update(step=self.step, wall_s=time.time() - t_start, curves=curves)
@@ -322,7 +375,8 @@ class Trainer:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="effkernels-train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", default="sit", help="training method (registered: see --list-methods)")
+    p.add_argument("--method", default="sit",
+                   help="training method, or several joined by '+' (e.g. tread+repa); see --list-methods")
     p.add_argument("--model", default="tiny/2", help="backbone config name, e.g. tiny/2, SiT-B/2")
     p.add_argument("--data", default="digits", help="'digits', an image folder, or a .npz/.npy latent file")
     p.add_argument("--out", default="runs/digits", help="output folder (checkpoints, logs, grids, curves)")
@@ -348,31 +402,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-kwargs", default="{}", help="JSON dict of backbone overrides, e.g. '{\"depth\": 4}'")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--list-methods", action="store_true")
-    for name, factory in sorted(METHODS.items()):
-        if hasattr(factory, "add_args"):
-            factory.add_args(p.add_argument_group(f"method {name}"))
+    add_method_args(p)
     return p
 
 
-def _check_backend(p: argparse.ArgumentParser, backend: str, device: str) -> None:
-    """A named backend that cannot run on this device is an argument error now, not a failure mid-run."""
-    from effkernels.backends import available
-
-    if backend != "auto":
-        ok, why = available(backend, torch.device(device))
-        if not ok:
-            p.error(f"--backend {backend} cannot run on {device} here: {why}")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    _load_plugin_methods()
     p = build_parser()
     a = p.parse_args(argv)
     if a.list_methods:
         print("\n".join(sorted(METHODS)))
         raise SystemExit(0)
-    if a.method not in METHODS:
-        p.error(f"--method {a.method!r} is not registered; known: {', '.join(sorted(METHODS))}")
+    try:
+        parse_spec(a.method)
+    except ConfigError as e:
+        p.error(f"--{e}")  # "--method 'x' is not registered; known: ..."
     from .backbone import CONFIGS
 
     if a.model not in CONFIGS:
@@ -391,7 +434,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--grad-clip must be > 0, got {a.grad_clip}")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {a.device} but no CUDA device is available")
-    _check_backend(p, a.backend, a.device)
+    check_backend_arg(p, a.backend, a.device)
     try:
         a.model_kwargs = json.loads(a.model_kwargs)
         assert isinstance(a.model_kwargs, dict)
@@ -415,7 +458,7 @@ def main(argv=None) -> int:
         with effkernels.use_backend(a.backend):
             trainer = Trainer(a)
             res = trainer.run()
-    except (DataError, CheckpointError, ConfigError) as e:
+    except (DataError, CheckpointError, ConfigError, FloatingPointError) as e:
         print(f"effkernels-train: error: {e}", file=sys.stderr)
         return 2
     finally:
