@@ -9,9 +9,9 @@ __all__ = ["backends", "ops", "reference", "use_backend", "__version__"]
 
 def __getattr__(name):
     # The model layer imports the nn stack; load it only when asked for.
-    if name == "apply_effkernels":
-        from .models.convert import apply_effkernels
-        return apply_effkernels
+    if name in ("apply_effkernels", "revert_effkernels"):
+        from .models import convert
+        return getattr(convert, name)
     if name in ("models", "nn"):
         import importlib
         return importlib.import_module(f".{name}", __name__)

@@ -26,6 +26,23 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def adaln_zero(x: torch.Tensor, c: torch.Tensor, modulation, attn, mlp, norm1, norm2, residual) -> torch.Tensor:
+    """The adaLN-Zero block's arithmetic, written once: DiTBlock and the official blocks that
+    effkernels.models.convert.apply_effkernels patches both run it with their own parts.
+
+    modulation(c) -> (B, 6D) (or per token); attn(h), mlp(h) -> like h; norm1(x, shift, scale) -> h;
+    norm2(x, y, gate, shift, scale) -> (x + gate * y, LN(.) * (1 + scale) + shift);
+    residual(x, y, gate) -> x + gate * y.
+    """
+    mod = modulation(c)
+    if mod.dtype != x.dtype:
+        mod = mod.to(x.dtype)
+    shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # strided views, never copied
+    h = norm1(x, shift1, scale1)
+    x, h = norm2(x, attn(h).to(x.dtype), gate1, shift2, scale2)
+    return residual(x, mlp(h).to(x.dtype), gate2)
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero block: modulated LN -> attention -> gated residual -> modulated LN -> MLP -> gated residual.
 
@@ -67,15 +84,10 @@ class DiTBlock(nn.Module):
                 raise ValueError(f"packed x and c must both be (T, D), got {tuple(x.shape)} and {tuple(c.shape)}")
             # The adaLN ops are written for (B, N, D): a packed sequence is one sample of T tokens.
             x, c = x.unsqueeze(0), c.unsqueeze(0)
-        mod = self.adaLN_modulation(c)
-        if mod.dtype != x.dtype:
-            mod = mod.to(x.dtype)
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-        h = self.norm1(x, shift1, scale1)
         if packed:
-            a = self.attn(h[0], cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).unsqueeze(0)
+            def attn(h):
+                return self.attn(h[0], cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).unsqueeze(0)
         else:
-            a = self.attn(h)
-        x, h = self.norm2(x, a.to(x.dtype), gate1, shift2, scale2)
-        x = self.residual(x, self.mlp(h).to(x.dtype), gate2)
+            attn = self.attn
+        x = adaln_zero(x, c, self.adaLN_modulation, attn, self.mlp, self.norm1, self.norm2, self.residual)
         return x[0] if packed else x

@@ -23,6 +23,7 @@ from torch import nn
 
 from effkernels import ops
 from effkernels.nn import AlignmentHead, DiTBlock
+from effkernels.nn.block import adaln_zero
 from effkernels.nn._common import check_backend, unit_last
 
 from .backbone import SIZES, DiT, build
@@ -206,18 +207,17 @@ def _ln_args(norm: nn.LayerNorm):
 
 
 def _fused_block_forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """The official block's forward on effkernels ops: same math, residual add fused into LN2."""
-    backend = self._effkernels_backend
-    mod = self.adaLN_modulation(c)
-    if mod.dtype != x.dtype:
-        mod = mod.to(x.dtype)
-    shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # (B, D) strided views
-    x = unit_last(x)
-    h = ops.modulate_layernorm(x, shift1, scale1, *_ln_args(self.norm1), backend=backend)
-    a = self.attn(h)
-    x, h = ops.gated_residual_modulate_layernorm(x, unit_last(a.to(x.dtype)), gate1, shift2, scale2,
-                                                 *_ln_args(self.norm2), backend=backend)
-    return ops.gated_residual(x, unit_last(self.mlp(h).to(x.dtype)), gate2, backend=backend)
+    """The official block's forward on effkernels ops (nn.block.adaln_zero, as DiTBlock runs it):
+    same math, the residual add fused into LN2; the block's own attn and mlp modules."""
+    be = self._effkernels_backend
+    e1, w1, b1 = _ln_args(self.norm1)
+    e2, w2, b2 = _ln_args(self.norm2)
+    return adaln_zero(
+        unit_last(x), c, self.adaLN_modulation, self.attn, self.mlp,
+        lambda x, shift, scale: ops.modulate_layernorm(x, shift, scale, e1, w1, b1, backend=be),
+        lambda x, y, gate, shift, scale: ops.gated_residual_modulate_layernorm(
+            x, unit_last(y), gate, shift, scale, e2, w2, b2, backend=be),
+        lambda x, y, gate: ops.gated_residual(x, unit_last(y), gate, backend=be))
 
 
 def _fused_final_forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,10 @@ from torch import nn
 from ..objectives import FlowMatching
 
 
+# The backbone's forward options that decide which tokens it sees (a token plan).
+TOKEN_OPTIONS = ("routes", "keep_idx")
+
+
 class ConfigError(ValueError):
     """A setting that argparse cannot check alone (it depends on the data, the checkpoint, the world
     size or another method of the composition)."""
@@ -224,7 +228,7 @@ class Composite(Method):
     def forward_options(self, model, batch, step):
         opts = merge_options((n, p.forward_options(model, batch, step)) for n, p in self.parts)
         for k in opts:
-            if k not in ("return_hidden",) and k not in self._plan:
+            if k in TOKEN_OPTIONS and k not in self._plan:
                 # a method that sets a token option must declare it, so conflicts show at build time
                 raise ConfigError(f"forward option {k!r} is set by a method that does not list it in token_plan")
         return opts
