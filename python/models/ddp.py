@@ -69,10 +69,15 @@ def wrap(module: torch.nn.Module, device: torch.device, *, find_unused_parameter
     """
     if not current().enabled or not any(p.requires_grad for p in module.parameters()):
         return module
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
+    # torch >= 2.14 renamed broadcast_buffers to forward_sync_buffers (init still syncs buffers)
+    no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else "broadcast_buffers")
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
+                                   find_unused_parameters=find_unused_parameters, **{no_sync: False})
 
 
 def per_rank(value: torch.Tensor) -> list[float]:
