@@ -561,3 +561,12 @@ def test_revert_effkernels_is_exported_beside_apply():
 
     assert effkernels.apply_effkernels is convert.apply_effkernels
     assert effkernels.revert_effkernels is convert.revert_effkernels
+
+
+def test_checkpoint_of_the_layout_before_the_methods_package_resumes(tmp_path):
+    assert _run(tmp_path, "sit", 1) == 0
+    ck = load_checkpoint(str(tmp_path / "last.pt"))
+    ck["method"], ck["method_state"] = {}, {}  # how effkernels-train wrote it before
+    save_checkpoint(ck, str(tmp_path / "last.pt"))
+    assert _run(tmp_path, "sit", 2, "--resume", "auto") == 0
+    assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == 2

@@ -83,6 +83,15 @@ class AuxStep(nn.Module):
         return self._method.aux_loss(self.name, self.module, batch, step, out)
 
 
+def _plain(v) -> bool:
+    """A value that round-trips through JSON (the options a method is rebuilt from for sampling)."""
+    if isinstance(v, (list, tuple)):
+        return all(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x) for k, x in v.items())
+    return isinstance(v, (int, float, str, bool, type(None)))
+
+
 def make_optimizer(params, device: torch.device, **kw) -> torch.optim.AdamW:
     """AdamW, fused (one kernel over all parameters) where torch has it for the device: CPU and CUDA."""
     fused = device.type in ("cpu", "cuda") and all(p.dtype.is_floating_point for p in params)
@@ -150,7 +159,7 @@ class Trainer:
     # --- state -----------------------------------------------------------------------------------
     def meta(self) -> dict:
         vr = list(self.ds.value_range) if self.ds.value_range is not None else None
-        a = {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+        a = {k: v for k, v in vars(self.args).items() if _plain(v)}
         return {"model": self.args.model, "model_kwargs": self.model_kwargs, "method": self.args.method,
                 "data": self.args.data, "value_range": vr, "shape": [self.ds.channels, self.ds.size, self.ds.size],
                 "args_json": json.dumps(a)}
@@ -181,7 +190,8 @@ class Trainer:
                               f"--method {self.args.method!r}; resume with the same method")
         m = ck.get("method")
         if not isinstance(m, dict) or "modules" not in m:
-            raise CheckpointError(f"checkpoint {path!r} has no method section: written by an older effkernels-train")
+            # the layout before the methods package: the method's modules flat, its state beside them
+            m = {"modules": m or {}, "state": ck.get("method_state") or {}}
         own = self.method.state_dict()
         for what, have, need in (("modules", m.get("modules", {}), self.modules.state_dict()),
                                  ("EMA modules", m.get("ema", {}), dict.fromkeys(self.method.generator_modules)),
