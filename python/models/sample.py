@@ -40,7 +40,7 @@ def cfg_forward(model, x, t, y, cfg_scale: float, *, null_class: int | None = No
         raise ValueError("cfg_scale != 1 needs null_class (or a model with .num_classes)")
     t = torch.as_tensor(t, device=x.device)
     t = t.expand(x.shape[0]) if t.dim() == 0 else t
-    out = _output(model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]),
+    out = model_output(model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]),
                         **model_kwargs))
     cond, uncond = out.chunk(2)
     c = cond.shape[1] if guided_channels is None else guided_channels
@@ -55,14 +55,14 @@ def guided_velocity(model, x, t: float, y, *, cfg_scale: float = 1.0, guidance_i
     low, high = guidance_interval
     if cfg_scale == 1.0 or y is None or not (low <= t <= high):
         tv = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
-        out = _output(model(x, tv, y, **model_kwargs))
+        out = model_output(model(x, tv, y, **model_kwargs))
     else:
         out = cfg_forward(model, x, float(t), y, cfg_scale, null_class=null_class, guided_channels=x.shape[1],
                           **model_kwargs)
     return mean_prediction(out, x)
 
 
-def _output(out):
+def model_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--guidance-low", type=float, default=0.0)
     p.add_argument("--guidance-high", type=float, default=1.0)
+    p.add_argument("--sparse-guidance", type=float, default=None, metavar="S",
+                   help="TREAD checkpoints: sparse guidance v_weak + S (v_strong - v_weak) (the paper: 1.5)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
@@ -199,6 +201,7 @@ def main(argv=None) -> int:
 
     from .checkpoint import CheckpointError, generator_from_checkpoint, load_checkpoint
     from .cli import check_backend_arg
+    from .methods import ConfigError
 
     p = build_parser()
     args = p.parse_args(argv)
@@ -214,6 +217,11 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError) as e:
         print(f"effkernels-sample: error: {e}", file=sys.stderr)
         return 2
+    extra = {}
+    if args.sparse_guidance is not None:
+        if "tread" not in meta.get("method", "").split("+"):
+            p.error(f"--sparse-guidance needs a TREAD checkpoint; {args.ckpt!r} was trained with {meta.get('method')!r}")
+        extra["sparse_guidance"] = args.sparse_guidance
     models = {k: m.to(args.device).eval() for k, m in models.items()}
     model = models["backbone"]
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -222,14 +230,19 @@ def main(argv=None) -> int:
     value_range = tuple(meta["value_range"]) if meta.get("value_range") is not None else None
     shape = tuple(meta.get("shape") or (model.in_channels, model.input_size, model.input_size))
     outs = []
-    with effkernels.use_backend(args.backend):
-        for s in range(0, args.num, args.batch_size):
-            y = labels[s:s + args.batch_size].to(args.device)
-            noise = torch.randn((y.shape[0], *shape), generator=gen).to(args.device)
-            # the method samples: a consistency model in one or two steps, MaskDiT through its decoder
-            outs.append(method.sample(models, y, noise, sampler=args.sampler, steps=args.steps,
-                                      cfg_scale=args.cfg_scale, guidance_interval=(args.guidance_low, args.guidance_high),
-                                      generator=gen, clamp=value_range).cpu())
+    try:
+        with effkernels.use_backend(args.backend):
+            for s in range(0, args.num, args.batch_size):
+                y = labels[s:s + args.batch_size].to(args.device)
+                noise = torch.randn((y.shape[0], *shape), generator=gen).to(args.device)
+                # the method samples: a consistency model in one or two steps, MaskDiT through its decoder
+                outs.append(method.sample(models, y, noise, sampler=args.sampler, steps=args.steps,
+                                          cfg_scale=args.cfg_scale,
+                                          guidance_interval=(args.guidance_low, args.guidance_high),
+                                          generator=gen, clamp=value_range, **extra).cpu())
+    except ConfigError as e:  # the method cannot sample this way (e.g. sparse guidance without routes)
+        print(f"effkernels-sample: error: {e}", file=sys.stderr)
+        return 2
     images = torch.cat(outs)
     npz = args.out + ".npz"
     os.makedirs(os.path.dirname(os.path.abspath(npz)), exist_ok=True)

@@ -1,0 +1,143 @@
+"""TREAD: token routing (shared/METHODS.md, "TREAD").
+
+Per sample a random fraction `ratio` of the tokens is routed around blocks start..end and re-enters
+unchanged after `end`; the processed rest run those blocks. The loss is SiT's flow objective on all
+tokens. Routes are drawn here, before the backbone's forward (one draw per route from the step's
+generator), so a compiled backbone sees plain index tensors. Routing is on in training only:
+evaluation and sampling run dense unless --route-eval forces it. The paper's dense fine-tune stage
+is this method resumed with --route-ratio 0 (no routes).
+
+Sparse guidance (optional, at sampling): two conditional forwards with forced routing rates, strong
+0.3 and weak 0.7 over the same blocks, combined v = v_weak + s (v_strong - v_weak), s = 1.5 (the
+follow-up paper's definition; the released code's unconditional branches are a defect not copied).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from effkernels import ops
+
+from ..backbone import Route
+from ..objectives import mean_prediction
+from ..sample import model_output, sample
+from . import register_method
+from .base import ConfigError, Method
+
+
+def default_routes(depth: int, ratio: float) -> list[Route]:
+    """The paper's placement, blocks 3..depth-3 (B/2: 3..9, XL/2: 3..25); no route at ratio 0."""
+    if ratio == 0:
+        return []
+    if depth < 6:
+        raise ConfigError(f"the default TREAD placement (blocks 3..depth-3) needs depth >= 6, got {depth}; "
+                          "give --route START:END")
+    return [Route(3, depth - 3, ratio)]
+
+
+def parse_route(spec: str, ratio: float) -> Route:
+    """'START:END[:RATIO]' -> Route (RATIO defaults to `ratio`)."""
+    parts = spec.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError("expected START:END[:RATIO]")
+        start, end = int(parts[0]), int(parts[1])
+        r = float(parts[2]) if len(parts) == 3 else ratio
+        return Route(start, end, r)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"--route {spec!r}: {e}") from None
+
+
+@register_method("tread")
+class TREAD(Method):
+    """Routed blocks in training, the flow objective on every token, dense evaluation."""
+
+    token_plan = ("routes",)
+
+    @staticmethod
+    def add_args(group) -> None:
+        group.add_argument("--route-ratio", type=float, default=0.5,
+                           help="fraction of tokens routed around the blocks (tread); without --route they are "
+                                "blocks 3..depth-3, the paper's placement; 0 = dense (the fine-tune stage)")
+        group.add_argument("--route", action="append", default=None, metavar="START:END[:RATIO]",
+                           help="route blocks START..END (1-based, inclusive) at RATIO (default --route-ratio); "
+                                "repeatable, sorted and non-overlapping, each drawn independently")
+        group.add_argument("--route-unsorted", action="store_true",
+                           help="processed tokens in random order (default: kept in raster order, for backbones "
+                                "whose blocks care about order)")
+        group.add_argument("--route-eval", action="store_true",
+                           help="route during evaluation and sampling too (default: dense)")
+
+    def __init__(self, model=None, args=None):
+        super().__init__(model, args)
+        ratio = float(getattr(args, "route_ratio", 0.5))
+        if not 0.0 <= ratio < 1.0:
+            raise ConfigError(f"--route-ratio must lie in [0, 1), got {ratio}")
+        specs = getattr(args, "route", None)
+        depth = model.depth if model is not None else None
+        if specs:
+            self.routes = [parse_route(s, ratio) for s in specs]
+        else:
+            self.routes = default_routes(depth, ratio) if depth is not None else []
+        if model is not None:
+            try:
+                model._check_plan((), None, self.routes)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"--route: {e}") from None
+        self.routes = [r for r in self.routes if r.ratio > 0]
+        self.num_tokens = model.num_patches if model is not None else None
+        self.sort = not getattr(args, "route_unsorted", False)
+        self.route_eval = bool(getattr(args, "route_eval", False))
+
+    def draw(self, batch: int, generator: torch.Generator | None, device) -> list[Route]:
+        """Every route with its own keep index (batch, K), drawn now from `generator`."""
+        n = self.num_tokens
+        return [replace(r, idx=ops.draw_route(batch, n, r.keep(n), generator=generator, device=device, sort=self.sort))
+                for r in self.routes]
+
+    def forward_options(self, model, batch, step):
+        if not self.routes or not model.training:
+            return {}
+        return {"routes": self.draw(batch["x"].shape[0], batch.get("generator"), batch["x"].device)}
+
+    @torch.no_grad()
+    def sample(self, models, y, noise, *, sparse_guidance: float | None = None, **opts):
+        model = models["backbone"]
+        if sparse_guidance is not None:
+            if not self.routes:
+                raise ConfigError("sparse guidance needs routes (this run has --route-ratio 0 and no --route)")
+            model = SparseGuided(model, self.routes, sparse_guidance)
+        elif self.route_eval and self.routes:
+            model = _Routed(model, self.routes)
+        return sample(model, y, noise=noise, **opts)
+
+
+class _Routed(nn.Module):
+    """The backbone with routes forced on (a fresh draw per call, from the global RNG)."""
+
+    def __init__(self, model, routes):
+        super().__init__()
+        self.model, self.routes = model, list(routes)
+        self.num_classes = model.num_classes
+
+    def forward(self, x, t, y, **kw):
+        return self.model(x, t, y, routes=self.routes, **kw)
+
+
+class SparseGuided(nn.Module):
+    """v = v_weak + s (v_strong - v_weak): two CONDITIONAL forwards of the same model on the same
+    labels, routing `strong` (0.3) and `weak` (0.7) of the tokens over the training routes' blocks."""
+
+    def __init__(self, model, routes, scale: float = 1.5, strong: float = 0.3, weak: float = 0.7):
+        super().__init__()
+        self.model, self.scale = model, float(scale)
+        self.strong = [replace(r, ratio=strong, idx=None) for r in routes]
+        self.weak = [replace(r, ratio=weak, idx=None) for r in routes]
+        self.num_classes = model.num_classes
+
+    def forward(self, x, t, y, **kw):
+        v_strong = mean_prediction(model_output(self.model(x, t, y, routes=self.strong, **kw)), x)
+        v_weak = mean_prediction(model_output(self.model(x, t, y, routes=self.weak, **kw)), x)
+        return v_weak + self.scale * (v_strong - v_weak)
