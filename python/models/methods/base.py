@@ -21,7 +21,9 @@ Hooks
                                     pred, target, hidden, ...). Default: SiT's flow matching. At most
                                     one method of a composition sets owns_objective.
   extra_losses(out, model, batch, step) -> {name: scalar}
-                                    weighted terms added to the loss (REPA's alignment); each is logged
+                                    weighted terms added to the loss (REPA's alignment); each is logged.
+                                    out["options"] holds the forward options used (keep_idx: the
+                                    hidden states are the kept tokens only; routes: full sequences)
   aux_modules() -> {name: AuxModule}
                                     modules with an optimizer of their own (ACT's discriminator):
                                     their own AdamW, gradient averaging, clipping and checkpoint
@@ -238,6 +240,7 @@ class Composite(Method):
             return self.parts[0][1].loss(model, batch, step)  # a method that writes its whole loss
         options = self.forward_options(model, batch, step)
         out = self.primary.objective(model, batch, step, options)
+        out.setdefault("options", options)  # a term method reads e.g. keep_idx to gather its target
         terms = {}
         for n, p in self.parts:
             for k, v in p.extra_losses(out, model, batch, step).items():
