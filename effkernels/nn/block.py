@@ -48,9 +48,10 @@ class DiTBlock(nn.Module):
 
     Args:
         dim: width D; num_heads: attention heads (divides D); mlp_ratio: MLP hidden = int(D * mlp_ratio);
-        eps: LayerNorm epsilon (1e-6 as in DiT); backend: passed to every op.
-    forward(x (B, N, D), c (B, D) per sample or (B, N, D) per token) -> (B, N, D).
-        With cu_seqlens/max_seqlen, x is packed (T, D) and c must be per token (T, D): attention
+        eps: LayerNorm epsilon (1e-6 as in DiT); cond_dim: width of c when it differs from D (MaskDiT's
+            512-wide decoder blocks are conditioned on the backbone's c); backend: passed to every op.
+    forward(x (B, N, D), c (B, C) per sample or (B, N, C) per token, C = cond_dim or D) -> (B, N, D).
+        With cu_seqlens/max_seqlen, x is packed (T, D) and c must be per token (T, C): attention
         then runs within each segment only.
 
     Equal to the official block  x = x + g1 * attn(modulate(norm1(x), s1, sc1));
@@ -61,9 +62,11 @@ class DiTBlock(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, eps: float = 1e-6,
-                 qkv_bias: bool = True, backend: str | None = None):
+                 qkv_bias: bool = True, cond_dim: int | None = None, backend: str | None = None):
         super().__init__()
         check_positive_int("dim", dim)
+        if cond_dim is not None:
+            check_positive_int("cond_dim", cond_dim)
         check_positive_float("mlp_ratio", mlp_ratio)
         self.backend = check_backend(backend)
         self.norm1 = ModulatedLayerNorm(dim, eps, backend=backend)
@@ -74,14 +77,14 @@ class DiTBlock(nn.Module):
             raise ValueError(f"mlp_ratio={mlp_ratio} gives an empty MLP for dim={dim}")
         self.mlp = Mlp(dim, hidden)
         self.residual = GatedResidual(backend=backend)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None) -> torch.Tensor:
         packed = cu_seqlens is not None
         if packed:
-            if x.dim() != 2 or c.shape != x.shape:
-                raise ValueError(f"packed x and c must both be (T, D), got {tuple(x.shape)} and {tuple(c.shape)}")
+            if x.dim() != 2 or c.dim() != 2 or c.shape[0] != x.shape[0]:
+                raise ValueError(f"packed x and c must be (T, D) and (T, C), got {tuple(x.shape)} and {tuple(c.shape)}")
             # The adaLN ops are written for (B, N, D): a packed sequence is one sample of T tokens.
             x, c = x.unsqueeze(0), c.unsqueeze(0)
         if packed:

@@ -1,0 +1,230 @@
+"""MaskDiT: an encoder on the unmasked patches only, a light decoder on all of them, an MAE loss on
+the masked ones (shared/METHODS.md, "MaskDiT").
+
+Per sample exactly K = int(N (1 - ratio)) tokens are kept (positions added before masking). The
+backbone runs all its blocks on those K tokens (keep_idx) and stops before its own final layer; a
+zero-initialised bridge (LayerNorm + adaLN shift/scale + Linear D -> D_dec) maps them to the
+decoder's width, a learned mask token fills the N - K masked positions, fixed sin-cos positions are
+added, the decoder's adaLN-Zero blocks (effkernels.nn.DiTBlock conditioned on the backbone's c) run
+on all N tokens, and the decoder's final layer predicts every patch.
+
+Loss: the flow objective averaged over the KEPT tokens only, plus mae_weight (0.1) x the MSE over
+the MASKED tokens against the noisy input x_t, normalised per patch (mean and variance over the
+patch's values, eps 1e-6), unweighted. The paper trains with EDM; on our SiT ground the denoising
+part is the flow loss and the MAE term stays as specified. The unmasked fine-tune stage is this
+method resumed with --mask-ratio 0 (the decoder then sees no mask tokens, no MAE term). The
+decoder is part of the generator: EMA-averaged and used by sampling, which runs unmasked.
+The backbone's own final layer is unused by this method (find_unused_parameters).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from effkernels import ops
+from effkernels.nn import DiTBlock, ModulatedLayerNorm
+
+from ..backbone import get_2d_sincos_pos_embed
+from ..objectives import interpolate, mean_prediction, velocity_target
+from . import register_method
+from .base import ConfigError, Method
+
+# Widths from which the paper's decoder (8 blocks of width 512, 16 heads) is the default: the DiT sizes.
+PAPER_DECODER_FROM_WIDTH = 384
+
+
+class AdaLNLinear(nn.Module):
+    """LayerNorm (no affine) modulated by c, then a Linear; zero-initialised so it starts at 0.
+    MaskDiT's bridge (D -> D_dec) and its decoder's final layer (D_dec -> p*p*C_out), both
+    conditioned on the backbone's c (cond_dim)."""
+
+    def __init__(self, dim: int, out: int, cond_dim: int):
+        super().__init__()
+        self.norm = ModulatedLayerNorm(dim, eps=1e-6)
+        self.linear = nn.Linear(dim, out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
+        for lin in (self.linear, self.adaLN_modulation[-1]):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).to(x.dtype).chunk(2, dim=-1)  # (B, D) strided views
+        return self.linear(self.norm(x, shift, scale))
+
+
+class MaskDecoder(nn.Module):
+    """Bridge, mask token, fixed positions, adaLN-Zero blocks and final layer over all N tokens."""
+
+    def __init__(self, backbone, width: int, depth: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        if width % 4:
+            raise ConfigError(f"--decoder-width must be a multiple of 4 (sin-cos positions), got {width}")
+        if width % num_heads:
+            raise ConfigError(f"--decoder-width {width} is not divisible by the decoder's {num_heads} heads")
+        d, p = backbone.hidden_size, backbone.patch_size
+        self.num_tokens, self.width = backbone.num_patches, width
+        self.bridge = AdaLNLinear(d, width, d)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(width, backbone.x_embedder.grid_size).unsqueeze(0))
+        self.blocks = nn.ModuleList([DiTBlock(width, num_heads, mlp_ratio, cond_dim=d, backend=backbone.backend)
+                                     for _ in range(depth)])
+        for blk in self.blocks:  # adaLN-Zero: every decoder block starts as the identity
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        self.final = AdaLNLinear(width, p * p * backbone.out_channels, d)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor, keep_idx: torch.Tensor | None) -> torch.Tensor:
+        """h (B, K, D) encoder tokens at keep_idx (or (B, N, D) with keep_idx None), c (B, D)
+        -> (B, N, p*p*C_out) predictions for every patch."""
+        x = self.bridge(h, c)  # (B, K, D_dec)
+        if keep_idx is not None:
+            full = self.mask_token.to(x.dtype).expand(x.shape[0], self.num_tokens, -1).contiguous()
+            x = ops.route_scatter(full, x, keep_idx, check_idx=False)  # (B, N, D_dec); drawn here, valid
+        x = x + self.pos_embed.to(x.dtype)
+        for blk in self.blocks:
+            x = blk(x, c)
+        return self.final(x, c)
+
+
+def condition(backbone, t: torch.Tensor, y, force_drop_ids=None) -> torch.Tensor:
+    """The backbone's c (B, D) for (t, y), with exactly the label dropout the encoder used."""
+    t = torch.as_tensor(t, device=backbone.pos_embed.device)
+    b = force_drop_ids.shape[0] if force_drop_ids is not None else (y.shape[0] if y is not None else t.numel())
+    t = t.expand(b) if t.dim() == 0 else t
+    if y is None:
+        y = torch.full((b,), backbone.num_classes, dtype=torch.long, device=t.device)
+    return backbone.t_embedder(t) + backbone.y_embedder(y, False, force_drop_ids)
+
+
+def generate(model, backbone, decoder, x_t, t, y, keep_idx=None, force_drop_ids=None, return_hidden=()):
+    """Encoder on the kept tokens (all of them with keep_idx None), decoder on all N.
+
+    model runs the blocks (the backbone or its compiled form); backbone gives the embedders for c.
+    -> (tokens (B, N, p*p*C_out), hidden {d: (B, K, D)} for the depths asked and the last).
+    """
+    depth = backbone.depth
+    want = tuple(sorted(set(return_hidden) | {depth}))
+    _, hidden = model(x_t, t, y, keep_idx=keep_idx, stop_at=depth, return_hidden=want, force_drop_ids=force_drop_ids)
+    c = condition(backbone, t, y, force_drop_ids)
+    return decoder(hidden[depth], c, keep_idx), hidden
+
+
+def patch_normalize(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(..., P) patches -> zero mean, unit variance over each patch's P values (MAE's target)."""
+    mean = p.mean(-1, keepdim=True)
+    var = p.var(-1, unbiased=False, keepdim=True)
+    return (p - mean) / (var + eps).sqrt()
+
+
+@register_method("maskdit")
+class MaskDiT(Method):
+    """Masked encoder, full-sequence decoder, flow loss on kept tokens + MAE on masked ones."""
+
+    token_plan = ("keep_idx",)
+    owns_objective = True
+    generator_modules = ("decoder",)
+    find_unused_parameters = True  # the backbone's final layer: the decoder has its own
+
+    @staticmethod
+    def add_args(group) -> None:
+        group.add_argument("--mask-ratio", type=float, default=0.5,
+                           help="fraction of tokens masked per sample (maskdit); 0 = the unmasked fine-tune stage")
+        group.add_argument("--mae-weight", type=float, default=0.1, help="weight of the MAE term on masked tokens")
+        group.add_argument("--decoder-depth", type=int, default=None,
+                           help="decoder blocks; default 8 (the paper) for widths >= 384, else 2 (tiny models: "
+                                "a third of depth 6, about the paper's 8/28)")
+        group.add_argument("--decoder-width", type=int, default=None,
+                           help="decoder width; default 512 (the paper) for widths >= 384, else the backbone's")
+
+    def __init__(self, model=None, args=None):
+        super().__init__(model, args)
+        if model is None:
+            raise ConfigError("maskdit needs the backbone to size its decoder")
+        self.ratio = float(getattr(args, "mask_ratio", 0.5))
+        self.mae_weight = float(getattr(args, "mae_weight", 0.1))
+        if not 0.0 <= self.ratio < 1.0:
+            raise ConfigError(f"--mask-ratio must lie in [0, 1), got {self.ratio}")
+        if self.mae_weight < 0:
+            raise ConfigError(f"--mae-weight must be >= 0, got {self.mae_weight}")
+        paper = model.hidden_size >= PAPER_DECODER_FROM_WIDTH
+        depth = getattr(args, "decoder_depth", None) or (8 if paper else 2)
+        width = getattr(args, "decoder_width", None) or (512 if paper else model.hidden_size)
+        heads = 16 if paper and width % 16 == 0 else model.num_heads
+        if depth < 1 or width < 1:
+            raise ConfigError(f"--decoder-depth and --decoder-width must be >= 1, got {depth}, {width}")
+        self.backbone = model
+        self.decoder = MaskDecoder(model, width, depth, heads)
+        self.keep = int(model.num_patches * (1 - self.ratio))
+        if self.keep < 1:
+            raise ConfigError(f"--mask-ratio {self.ratio} keeps no token of {model.num_patches}")
+
+    def modules(self):
+        return {"decoder": self.decoder}
+
+    def forward_options(self, model, batch, step):
+        if self.ratio == 0:
+            return {}
+        x, g = batch["x"], batch.get("generator")
+        return {"keep_idx": ops.draw_route(x.shape[0], self.backbone.num_patches, self.keep, generator=g,
+                                           device=x.device)}
+
+    def _drop_ids(self, batch, b, device):
+        """Label dropout drawn here, so that the encoder and the decoder see the same labels."""
+        emb = self.backbone.y_embedder
+        if not (self.backbone.training and emb.dropout_prob > 0):
+            return None
+        g = batch.get("generator")
+        u = torch.rand(b, generator=g, device=g.device if g is not None else device).to(device)
+        return (u < emb.dropout_prob).long()
+
+    def objective(self, model, batch, step, options):
+        x, y = batch["x"], batch["y"]
+        b = x.shape[0]
+        t = batch.get("t")
+        t = self.flow.sample_t(b, x.device, batch.get("generator")) if t is None else t
+        noise = batch.get("noise")
+        noise = self.flow.sample_noise(x, batch.get("generator")) if noise is None else noise
+        x_t, target = interpolate(x, noise, t), velocity_target(x, noise)
+        keep_idx = options.get("keep_idx")
+        drop = self._drop_ids(batch, b, x.device)
+        tokens, hidden = generate(model, self.backbone, self.decoder, x_t, t, y, keep_idx, drop,
+                                  options.get("return_hidden", ()))  # (B, N, p*p*C_out)
+        bb = self.backbone
+        pred = bb.patchify(mean_prediction(bb.unpatchify(tokens), x)).float()  # (B, N, p*p*C)
+        tgt = bb.patchify(target).float()
+        err = (pred - tgt).pow(2).mean(-1)  # (B, N) per-token MSE
+        if keep_idx is None:
+            flow = err.mean(1)
+            res = {"loss": flow.mean(), "loss_per_sample": flow.detach()}
+        else:
+            flow = ops.route_gather(err.unsqueeze(-1), keep_idx, check_idx=False)[..., 0].mean(1)  # kept tokens
+            masked = ops.complement(keep_idx, bb.num_patches)
+            mae_tgt = patch_normalize(bb.patchify(x_t).float())
+            mae = ops.route_gather((pred - mae_tgt).pow(2).mean(-1, keepdim=True), masked, check_idx=False)
+            mae = mae[..., 0].mean(1)
+            res = {"loss": flow.mean() + self.mae_weight * mae.mean(), "loss_flow": flow.mean().detach(),
+                   "loss_mae": mae.mean().detach(), "loss_per_sample": flow.detach()}
+        res.update(t=t, noise=noise, x_t=x_t, target=target, pred=bb.unpatchify(pred.to(x.dtype)), hidden=hidden)
+        return res
+
+    @torch.no_grad()
+    def sample(self, models, y, noise, **opts):
+        from ..sample import sample
+
+        return sample(MaskDiTGenerator(models["backbone"], models["decoder"]), y, noise=noise, **opts)
+
+
+class MaskDiTGenerator(nn.Module):
+    """The sampled network: the encoder on all tokens, then the decoder: -> (B, C_out, H, W)."""
+
+    def __init__(self, backbone, decoder):
+        super().__init__()
+        self.backbone, self.decoder = backbone, decoder
+        self.num_classes = backbone.num_classes
+
+    def forward(self, x, t, y, **kw):
+        if kw:
+            raise TypeError(f"the MaskDiT generator takes no forward options, got {sorted(kw)}")
+        tokens, _ = generate(self.backbone, self.backbone, self.decoder, x, t, y)
+        return self.backbone.unpatchify(tokens)

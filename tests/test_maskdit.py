@@ -1,0 +1,164 @@
+"""MaskDiT as a training method: exact-count masking, the encoder on kept tokens only, the decoder
+and its zero-initialised parts, both losses over the right token sets (hand-computed), the MAE
+target (noisy input, per-patch normalised), the unmasked fine-tune, sampling through the decoder,
+FLOPs, and the CLI."""
+import argparse
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from effkernels.models import train as train_mod
+from effkernels.models.backbone import build
+from effkernels.models.checkpoint import generator_from_checkpoint, load_checkpoint
+from effkernels.models.methods import ConfigError, build_method
+from effkernels.models.methods.maskdit import MaskDiT, MaskDiTGenerator, patch_normalize
+
+SMALL = dict(depth=3, hidden_size=32, num_heads=2, class_dropout_prob=0.0)
+
+
+def _args(**kw):
+    base = dict(mask_ratio=0.5, mae_weight=0.1, decoder_depth=None, decoder_width=None)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def _batch(seed, b=3):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.rand(b, 1, 8, 8, generator=g) * 2 - 1, "y": torch.randint(0, 10, (b,), generator=g),
+            "t": torch.rand(b, generator=g), "noise": torch.randn(b, 1, 8, 8, generator=g),
+            "generator": torch.Generator().manual_seed(seed)}
+
+
+def _randomize(*mods):
+    for m in mods:
+        for p in m.parameters():
+            p.data.normal_(0, 0.1)
+
+
+def test_decoder_defaults_and_bad_options():
+    big = MaskDiT(build("SiT-S/2", depth=1), _args())
+    assert len(big.decoder.blocks) == 8 and big.decoder.width == 512
+    assert big.decoder.blocks[0].attn.num_heads == 16
+    tiny = MaskDiT(build("tiny/2"), _args())
+    assert len(tiny.decoder.blocks) == 2 and tiny.decoder.width == 64
+    assert MaskDiT(build("tiny/2"), _args(decoder_depth=3, decoder_width=48)).decoder.width == 48
+    for kw, match in ((dict(mask_ratio=1.0), "--mask-ratio"), (dict(mae_weight=-1.0), "--mae-weight"),
+                      (dict(decoder_width=30), "multiple of 4"), (dict(mask_ratio=0.99), "keeps no token")):
+        with pytest.raises(ConfigError, match=match):
+            MaskDiT(build("tiny/2"), _args(**kw))
+    with pytest.raises(ConfigError, match="TREAD and MaskDiT do not combine"):
+        build_method("tread+maskdit", build("tiny/2"), argparse.Namespace(**vars(_args()), route_ratio=0.5, route=None,
+                                                                          route_unsorted=False, route_eval=False))
+
+
+def test_encoder_sees_exactly_the_kept_tokens_per_sample(seed):
+    model = build("tiny/2", **SMALL).train()
+    m = build_method("maskdit", model, _args(mask_ratio=0.3))
+    shapes = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda mod, a: shapes.append(tuple(a[0].shape)))
+    out = m.loss(model, _batch(seed), 0)
+    hook.remove()
+    assert shapes == [(3, int(16 * (1 - 0.3)), 32)]  # int(N (1 - ratio)) = 11 of 16
+    keep = out["options"]["keep_idx"]
+    assert keep.shape == (3, 11) and len({tuple(r.tolist()) for r in keep}) > 1  # drawn per sample
+    assert torch.isfinite(out["loss"])
+
+
+def test_fresh_decoder_outputs_zero_and_mask_token_gets_gradient(seed):
+    model = build("tiny/2", **SMALL).train()
+    m = MaskDiT(model, _args())
+    out = m.loss(model, _batch(seed), 0)
+    assert torch.count_nonzero(out["pred"]) == 0  # zero-initialised final layer, as the backbone's
+    _randomize(m.decoder.final, m.decoder.bridge)
+    out = m.loss(model, _batch(seed), 0)
+    out["loss"].backward()
+    assert m.decoder.mask_token.grad is not None and m.decoder.mask_token.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.final_layer.parameters())  # the backbone's own head is unused
+
+
+def test_losses_average_over_the_right_token_sets(seed):
+    """Hand-computed with loops: the flow loss over kept tokens, 0.1 x MAE over masked ones
+    against the per-patch-normalised noisy input."""
+    model = build("tiny/2", **SMALL).train()
+    m = MaskDiT(model, _args())
+    _randomize(model, m.decoder)
+    batch = _batch(seed)
+    out = m.loss(model, batch, 0)
+    keep = out["options"]["keep_idx"]
+    pred, x, noise, t = out["pred"].double(), batch["x"].double(), batch["noise"].double(), batch["t"].double()
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
+    v = noise - x
+    flow, mae = 0.0, 0.0
+    for b in range(3):
+        kept = set(keep[b].tolist())
+        f_b, m_b, n_k, n_m = 0.0, 0.0, 0, 0
+        for n in range(16):
+            r, c = divmod(n, 4)  # 4x4 grid of 2x2 patches
+            sl = (b, 0, slice(2 * r, 2 * r + 2), slice(2 * c, 2 * c + 2))
+            pp, vv, xx = pred[sl].flatten(), v[sl].flatten(), x_t[sl].flatten()
+            if n in kept:
+                f_b += ((pp - vv) ** 2).mean().item()
+                n_k += 1
+            else:
+                mu, var = xx.mean(), ((xx - xx.mean()) ** 2).mean()
+                m_b += ((pp - (xx - mu) / (var + 1e-6).sqrt()) ** 2).mean().item()
+                n_m += 1
+        assert n_k == 8 and n_m == 8
+        flow += f_b / n_k / 3
+        mae += m_b / n_m / 3
+    assert out["loss_flow"].item() == pytest.approx(flow, rel=1e-5)
+    assert out["loss_mae"].item() == pytest.approx(mae, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(flow + 0.1 * mae, rel=1e-5)
+
+
+def test_patch_normalize():
+    p = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
+    z = patch_normalize(p)
+    assert z.mean().abs() < 1e-6 and (z.pow(2).mean() - 1).abs() < 1e-5
+
+
+def test_unmasked_stage_and_generator_use_all_tokens(seed):
+    model = build("tiny/2", **SMALL).train()
+    m = MaskDiT(model, _args(mask_ratio=0.0))
+    _randomize(model, m.decoder)
+    assert m.forward_options(model, _batch(seed), 0) == {}
+    out = m.loss(model, _batch(seed), 0)
+    assert "loss_mae" not in out
+    batch = _batch(seed)
+    model.eval()
+    gen = MaskDiTGenerator(model, m.decoder)
+    x_t = (1 - batch["t"].view(-1, 1, 1, 1)) * batch["x"] + batch["t"].view(-1, 1, 1, 1) * batch["noise"]
+    v = gen(x_t, batch["t"], batch["y"])
+    ref = ((v - (batch["noise"] - batch["x"])) ** 2).mean()
+    torch.testing.assert_close(out["loss"], ref, rtol=1e-5, atol=0)
+
+
+def _flops(model, method, seed):
+    with FlopCounterMode(display=False) as fc:
+        method.loss(model, _batch(seed, b=4), 0)["loss"].backward()
+    return fc.get_total_flops()
+
+
+def test_masking_cuts_the_encoder_flops(seed):
+    model = build("tiny/2", depth=6, hidden_size=32, num_heads=2).train()
+    masked = _flops(model, build_method("maskdit", model, _args(decoder_depth=1)), seed)
+    unmasked = _flops(model, build_method("maskdit", model, _args(decoder_depth=1, mask_ratio=0.0)), seed)
+    assert masked < 0.75 * unmasked  # 6 encoder blocks on 8 of 16 tokens; the 1-block decoder on all
+
+
+def test_trains_through_the_cli_fine_tunes_unmasked_and_samples(tmp_path):
+    common = ["--method", "maskdit", "--model-kwargs", '{"depth": 3, "hidden_size": 32, "num_heads": 2}',
+              "--batch-size", "16", "--eval-every", "0", "--quiet", "--log-every", "5", "--lr", "3e-3"]
+    assert train_mod.main(["--out", str(tmp_path), "--steps", "30", *common]) == 0
+    rows = train_mod.MetricsLog.read(str(tmp_path / "metrics.jsonl"))
+    assert rows[-1]["loss"] < rows[0]["loss"] and "loss_mae" in rows[0]
+    ck = load_checkpoint(str(tmp_path / "last.pt"))
+    assert any(k.startswith("decoder.") for k in ck["method"]["modules"]) and "decoder" in ck["method"]["ema"]
+    assert train_mod.main(["--out", str(tmp_path), "--steps", "32", "--resume", "auto", "--mask-ratio", "0",
+                           *common]) == 0
+    rows = train_mod.MetricsLog.read(str(tmp_path / "metrics.jsonl"))
+    assert rows[-1]["step"] == 32 and "loss_mae" not in rows[-1]
+    method, models, _ = generator_from_checkpoint(load_checkpoint(str(tmp_path / "last.pt")))
+    imgs = method.sample(models, torch.arange(4), torch.randn(4, 1, 8, 8), steps=2)
+    assert imgs.shape == (4, 1, 8, 8) and torch.isfinite(imgs).all()
