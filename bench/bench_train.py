@@ -5,6 +5,12 @@ baseline on the reference backend.
 
   python bench/bench_train.py [--model tiny/1] [--batch 128] [--input-size 8] [--channels 1]
                               [--steps 5] [--device cpu|cuda] [--out bench/out/train.json]
+  python bench/bench_train.py --methods sit,tread,maskdit [--repeats 3] ...   # per method, interleaved
+
+With --methods each row is a training method's whole step (effkernels.models.methods with its
+default options: TREAD routes 3..depth-3 at 0.5, MaskDiT masks 0.5 with its decoder), on the auto
+backend, timed in `--repeats` interleaved rounds (method A, B, C, A, B, C, ...) so that drift of a
+shared machine hits every row alike; the median round is reported, with the spread.
 
 On a GPU the same command times bf16-autocast steps with CUDA events; on the CPU plain fp32 steps
 with perf_counter (peak memory is then not reported: PyTorch does not track CPU allocations).
@@ -23,6 +29,7 @@ import effkernels
 from _common import write_rows
 from effkernels import backends
 from effkernels.models.backbone import Route, build
+from effkernels.models.methods import args_from_json, build_method
 from effkernels.models.objectives import FlowMatching
 
 
@@ -77,6 +84,63 @@ def measure(args, label, backend, routes) -> dict:
             "params": sum(p.numel() for p in model.parameters())}
 
 
+def method_runner(args, spec: str):
+    """(step, flops, params, extra params) for one method's full training step at default options."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build(args.model, input_size=args.input_size, in_channels=args.channels,
+                  num_classes=args.classes).to(device).train()
+    method = build_method(spec, model, args_from_json(None))
+    mods = torch.nn.ModuleDict(method.modules()).to(device).train()
+    params = list(model.parameters()) + list(mods.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(args.batch, args.channels, args.input_size, args.input_size, device=device)
+    y = torch.randint(0, args.classes, (args.batch,), device=device)
+    amp = device.type == "cuda"
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss = method.loss(model, {"x": x, "y": y, "generator": g}, 0)["loss"]
+        loss.backward()
+        opt.step()
+
+    with FlopCounterMode(display=False) as fc:
+        step()
+    return step, fc.get_total_flops(), sum(p.numel() for p in params)
+
+
+def measure_methods(args, specs: list[str]) -> list[dict]:
+    device = torch.device(args.device)
+    runners = {s: method_runner(args, s) for s in specs}
+    for s, (step, _, _) in runners.items():
+        for _ in range(args.warmup):
+            step()
+    times = {s: [] for s in specs}
+    peaks = {s: 0.0 for s in specs}
+    for _ in range(args.repeats):
+        for s, (step, _, _) in runners.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                peaks[s] = max(peaks[s], torch.cuda.max_memory_allocated() / 2**20)
+            times[s].append((time.perf_counter() - t) / args.steps)
+    rows = []
+    for s in specs:
+        ts = sorted(times[s])
+        dt = ts[len(ts) // 2]
+        rows.append({"variant": s, "backend": "auto", "s_per_step": dt, "images_per_s": args.batch / dt,
+                     "spread": (ts[0], ts[-1]), "gflops_per_step": runners[s][1] / 1e9,
+                     "peak_mib": peaks[s] if device.type == "cuda" else None, "params": runners[s][2]})
+    return rows
+
+
 def render(rows: list[dict]) -> str:
     base = rows[0]
     head = f"{'variant':<36}{'s/step':>9}{'img/s':>9}{'x base':>8}{'GFLOP/step':>12}{'x base':>8}{'peak MiB':>10}"
@@ -100,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--methods", default=None, help="comma-separated methods to compare (e.g. sit,tread,maskdit)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds with --methods")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda needs a CUDA device; none is visible")
@@ -111,8 +177,14 @@ def main(argv=None) -> int:
     print(f"effkernels {effkernels.__version__}, torch {torch.__version__}, {args.device}, "
           f"threads={torch.get_num_threads()}, model {args.model} (depth {depth}), batch {args.batch}, "
           f"{args.channels}x{args.input_size}x{args.input_size}, {args.steps} timed steps")
-    rows = [measure(args, *v) for v in variants(depth, torch.device(args.device))]
+    if args.methods:
+        rows = measure_methods(args, [m.strip() for m in args.methods.split(",") if m.strip()])
+    else:
+        rows = [measure(args, *v) for v in variants(depth, torch.device(args.device))]
     print(render(rows))
+    if args.methods:
+        print("spread of the rounds (s/step): " + ", ".join(
+            f"{r['variant']} {r['spread'][0]:.3f}-{r['spread'][1]:.3f}" for r in rows))
     write_rows(rows, args.out)
     return 0
 
