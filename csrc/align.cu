@@ -4,7 +4,13 @@
 //
 // z_hat and z may differ in dtype (a bf16 projection against an fp32 target is normal): kernels are
 // instantiated for (T, T) and (T, float); any other pair reads z converted to float32.
+//
+// The norm clamp is max(eps, smallest normal of z_hat's dtype), as in effkernels/reference/align.py:
+// |d z_hat| <= |dcos| / clamp, and 1 / tiny is a quarter of the dtype's max in every IEEE format, so
+// a zero (or sub-normal) fp16 row gets a finite gradient where eps = 1e-8 would overflow to inf.
 #include "adaln_math.h"
+
+#include <limits>
 
 #include <torch/library.h>
 
@@ -107,8 +113,9 @@ void cos_run(const Tensor& zh, const Tensor& z_in, double eps, const Tensor* dco
     using TA = scalar_t;
     auto go = [&](auto tb_tag) {
       using TB = decltype(tb_tag);
+      const acc clamp = std::max(static_cast<acc>(eps), static_cast<acc>(std::numeric_limits<TA>::min()));
       CosArgs<TA, TB> p{crows_of<TA>(zh), crows_of<TB>(z), nullptr, 0, 0, nullptr, Rows<TA>{nullptr, 0, 0},
-                        zh.size(0), zh.size(1), zh.size(2), static_cast<acc>(eps)};
+                        zh.size(0), zh.size(1), zh.size(2), clamp};
       if (dcos) {
         p.dcos = dcos->const_data_ptr<float>();
         p.dsb = dcos->stride(0);

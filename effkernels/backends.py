@@ -41,8 +41,13 @@ _local = threading.local()
 
 
 def _once(fn):
-    """Memoise a no-argument probe in a plain dict (torch.compile traces a dict read; it warns on
-    and skips functools.lru_cache)."""
+    """Memoise a no-argument probe, and let torch.compile call it instead of tracing it.
+
+    A probe imports a module, which dynamo refuses to trace (a graph break; an error under
+    fullgraph=True), so the first op of a fresh process inside a compiled region used to fail.
+    assume_constant_result makes dynamo run the probe eagerly at trace time and bake its result
+    in as a constant, which is safe because the memo never changes within a process.
+    """
     memo: dict = {}
 
     def wrapper():
@@ -51,7 +56,7 @@ def _once(fn):
         return memo["v"]
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
-    return wrapper
+    return torch.compiler.assume_constant_result(wrapper)
 
 
 def _check_name(name: str, arg: str) -> str:
@@ -100,18 +105,29 @@ def triton_status() -> tuple[bool, str]:
 
 
 @_once
-def extension_status() -> tuple[bool, str]:
-    """(built, why). The extension is optional: a failed or skipped build is reported, never raised."""
+def _extension_probe() -> tuple[bool, bool, str]:
+    """(built, built with CUDA, why), one import per process. The extension is optional: a failed or
+    skipped build is reported, never raised."""
     try:
         ext = importlib.import_module("effkernels._C")
     except Exception as e:
-        return False, f"effkernels._C not built or not importable ({type(e).__name__}: {e})"
-    return True, f"effkernels._C built (cuda={getattr(ext, 'WITH_CUDA', False)}, archs={getattr(ext, 'CUDA_ARCHS', '')})"
+        return False, False, f"effkernels._C not built or not importable ({type(e).__name__}: {e})"
+    cuda = bool(getattr(ext, "WITH_CUDA", False))
+    return True, cuda, f"effkernels._C built (cuda={cuda}, archs={getattr(ext, 'CUDA_ARCHS', '')})"
+
+
+# Both questions read the one memoised probe, so the CUDA-tensor path (cuda backend) resolves
+# availability exactly as the CPU-tensor path (cpp) does, which the CPU tests exercise.
+def extension_status() -> tuple[bool, str]:
+    """(built, why)."""
+    built, _, why = _extension_probe()
+    return built, why
 
 
 def extension_has_cuda() -> bool:
-    ok, _ = extension_status()
-    return ok and bool(getattr(importlib.import_module("effkernels._C"), "WITH_CUDA", False))
+    """Whether effkernels._C was built with its CUDA kernels."""
+    built, cuda, _ = _extension_probe()
+    return built and cuda
 
 
 @_once

@@ -9,7 +9,7 @@ import effkernels.ops as ops
 from effkernels import use_backend
 from effkernels._triton import align as tri
 from effkernels.reference import align as ref
-from helpers import TOL_REDUCE, assert_close, poison, rel_err
+from helpers import TOL_REDUCE, assert_close, cosine_loss_scale, poison, rel_err
 
 # (z_hat dtype, z dtype): same dtypes, and a 16-bit projection against an fp32 or fp16 target.
 DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.float16, torch.float16),
@@ -71,7 +71,7 @@ def test_ops_match_reference(seed, dtypes, shape):
         loss.backward()
         losses.append(loss)
         grads.append(zh_.grad)
-    assert_close(losses[0], losses[1], torch.float32, reduce=True, name="loss")
+    assert_close(losses[0], losses[1], torch.float32, reduce=True, name="loss", scale=cosine_loss_scale(zh, z))
     if shape[2] > 1:
         assert_close(grads[0], grads[1], th, reduce=True, name="d z_hat (loss)")
 
@@ -298,3 +298,51 @@ def test_compile_fullgraph_keeps_ops(seed):
         return {str(n.target) for gm in gms for n in gm.graph.nodes if n.op == "call_function"}
     assert "effkernels.per_token_cosine.default" in targets("fw"), targets("fw")
     assert "effkernels.per_token_cosine_backward.default" in targets("bw"), targets("bw")
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero projection rows in every dtype: the norm floor keeps the gradient finite
+# ---------------------------------------------------------------------------------------------
+
+def zero_row_case(backend, dtype, target_dtype, B=2, N=3, D=40):
+    """The loss and d z_hat for a projection with zero rows, checked against closed forms.
+
+    Below the floor e = max(eps, finfo(dtype).tiny) the gradient of the mean loss is -z / (B N e |z|):
+    with eps = 1e-8 that is ~1e7 per element, past float16's max, so fp16 used to give inf."""
+    zh, z = torch.randn(B, N, D).to(dtype), torch.randn(B, N, D).to(target_dtype)
+    zh[0, 1] = 0
+    zh[1, 2] = 0
+    leaf = zh.clone().requires_grad_()
+    loss = ops.cosine_alignment_loss(leaf, z, backend=backend)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(leaf.grad).all(), (backend, dtype)
+    e = max(1e-8, torch.finfo(dtype).tiny)
+    assert e == ref.norm_clamp(1e-8, dtype)
+    z64, zh64 = z.double(), zh.double()
+    for b, n in ((0, 1), (1, 2)):
+        want = -z64[b, n] / (B * N * e * z64[b, n].norm())
+        assert_close(leaf.grad[b, n], want, dtype, name=f"d z_hat[{b}, {n}]")
+    # Every other row: the usual cosine gradient; the loss counts the zero rows as cos 0.
+    zr = zh64.clone().requires_grad_()
+    want_loss = -(torch.nn.functional.normalize(zr, dim=-1, eps=e)
+                  * torch.nn.functional.normalize(z64, dim=-1, eps=e)).sum(-1).mean()
+    want_loss.backward()
+    assert_close(loss, want_loss, torch.float32, reduce=True, name="loss", scale=cosine_loss_scale(zh, z))
+    assert_close(leaf.grad, zr.grad, dtype, reduce=True, name="d z_hat", same_dtype_ref=zr.grad.to(dtype))
+
+
+@pytest.mark.parametrize("backend,dtype", [("reference", torch.float32), ("reference", torch.float16),
+                                           ("reference", torch.bfloat16), ("triton", torch.float32),
+                                           ("triton", torch.float16)], ids=str)
+@pytest.mark.parametrize("target", ("same", "float32"))
+def test_zero_rows_finite_gradient_every_dtype(seed, backend, dtype, target):
+    zero_row_case(backend, dtype, dtype if target == "same" else torch.float32)
+
+
+def test_norm_floor_is_eps_except_float16():
+    assert ref.norm_clamp(1e-8, torch.float32) == 1e-8 == ref.norm_clamp(1e-8, torch.bfloat16)
+    assert ref.norm_clamp(1e-8, torch.float16) == 2.0 ** -14
+    assert ref.norm_clamp(1e-3, torch.float16) == 1e-3
+    # 1 / tiny is a quarter of the max in each format: a mean loss's gradient (|dcos| <= 1) is finite.
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        assert 1 / torch.finfo(dt).tiny <= torch.finfo(dt).max / 3.9

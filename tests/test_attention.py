@@ -131,3 +131,44 @@ def test_flash_attn_varlen_matches_reference(seed):
     want = ref.varlen_attention(q.double(), k.double(), v.double(), cu)
     same = ref.varlen_attention(q, k, v, cu)
     assert_close(out, want, torch.float16, same_dtype_ref=same)
+
+
+@pytest.mark.parametrize("cu, max_seqlen, match", [
+    ([1, 3, 7], 4, "cu_seqlens must start at 0, got 1"),
+    ([0, 5, 3, 7], 5, "cu_seqlens must be non-decreasing"),
+    ([0, 3, 6], 3, "cu_seqlens must end at the number of packed rows T=7, got 6"),   # row 6 was left zero
+    ([0, 3, 9], 6, "cu_seqlens must end at the number of packed rows T=7, got 9"),
+    ([0, 2, 7], 4, r"max_seqlen=4 is shorter than the longest segment in cu_seqlens \(5\)"),
+])
+@pytest.mark.parametrize("idx_dtype", (torch.int32, torch.int64), ids=str)
+def test_varlen_cu_seqlens_values(cu, max_seqlen, match, idx_dtype):
+    q = torch.randn(7, 2, 5)
+    with pytest.raises(ValueError, match=match):
+        ops.visible_attention(q, q, q, cu_seqlens=torch.tensor(cu, dtype=idx_dtype), max_seqlen=max_seqlen)
+
+
+def test_varlen_cu_seqlens_edge_values_pass(seed):
+    q = torch.randn(7, 2, 5)
+    # An empty segment and a max_seqlen above the longest one are both fine (flash-attn's rules).
+    out = ops.visible_attention(q, q, q, cu_seqlens=torch.tensor([0, 0, 3, 7]), max_seqlen=9)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+@pytest.mark.parametrize("form", ("dense", "packed"))
+def test_explicit_backend_that_cannot_run_is_an_error(monkeypatch, backend, form):
+    """As for every other op: no silent fallback to the reference on CPU tensors."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # triton on CPU tensors needs the interpreter
+    if form == "dense":
+        q = torch.randn(2, 2, 5, 4)
+        call = lambda: ops.visible_attention(q, q, q, backend=backend)  # noqa: E731
+    else:
+        q = torch.randn(7, 2, 4)
+        call = lambda: ops.visible_attention(q, q, q, cu_seqlens=torch.tensor([0, 3, 7]), max_seqlen=4,  # noqa: E731
+                                             backend=backend)
+    with pytest.raises(RuntimeError, match=f"backend '{backend}' cannot run op visible_attention on cpu"):
+        call()
+    d = torch.randn(2, 2, 5, 4)
+    with pytest.raises(ValueError, match="backend"):
+        ops.visible_attention(d, d, d, backend="tpu")
+    ops.visible_attention(d, d, d, backend="reference")

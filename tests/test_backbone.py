@@ -340,3 +340,90 @@ def test_bad_arguments():
         model(x, torch.rand(3), y)
     with pytest.raises(ValueError, match="idx"):
         model(x, t, y, keep_idx=torch.tensor([[0, 0], [1, 2]]))
+
+
+def test_predrawn_routes_equal_routes_drawn_inside(seed):
+    model = randomized(tiny()).eval()
+    x, t, y = _inputs(model)
+    routes = [Route(1, 2, 0.5), Route(4, 5, 0.3)]
+    inside = model(x, t, y, routes=routes, generator=torch.Generator().manual_seed(seed))
+    drawn = model.draw_routes(routes, 3, generator=torch.Generator().manual_seed(seed))
+    assert [(r.start, r.end, r.ratio) for r in drawn] == [(1, 2, 0.5), (4, 5, 0.3)]
+    assert [r.idx.shape for r in drawn] == [(3, 8), (3, 11)] and drawn == routes  # idx is not compared
+    assert torch.equal(model(x, t, y, routes=drawn), inside)
+    # With keep_idx the routes see its K tokens; Route.draw is the one-route form.
+    keep = ops.draw_route(3, model.num_patches, 10)
+    g = torch.Generator().manual_seed(seed + 1)
+    inside = model(x, t, y, keep_idx=keep, routes=Route(2, 3, 0.5), generator=g)
+    one = Route(2, 3, 0.5).draw(3, 10, generator=torch.Generator().manual_seed(seed + 1))
+    assert one.idx.shape == (3, 5)
+    assert torch.equal(model(x, t, y, keep_idx=keep, routes=[one]), inside)
+    assert torch.equal(model.draw_routes(Route(2, 3, 0.5), 3, num_tokens=10,
+                                         generator=torch.Generator().manual_seed(seed + 1))[0].idx, one.idx)
+
+
+def test_forward_builds_no_module(seed, monkeypatch):
+    model = randomized(tiny())
+    x, t, y = _inputs(model)
+    built = []
+    real = nn.Module.__init__
+    monkeypatch.setattr(nn.Module, "__init__", lambda self, *a, **k: built.append(type(self)) or real(self, *a, **k))
+    model(x, t, y, routes=[Route(2, 4, 0.5)])
+    model(x, t, y, routes=model.draw_routes([Route(2, 4, 0.5)], 3))
+    assert built == []
+
+
+def _count_index_checks(monkeypatch):
+    calls = []
+    real = ops.routing.check_index_values
+
+    def counting(idx, num_tokens, name="idx"):
+        calls.append(name)
+        return real(idx, num_tokens, name)
+    monkeypatch.setattr(ops.routing, "check_index_values", counting)
+    return calls
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_each_user_index_is_checked_once_per_forward(seed, monkeypatch, backend):
+    """One value check (a host sync) per index the caller passes in, none for drawn ones, none in the
+    ops' forward or backward, although each index feeds several gathers and scatters."""
+    model = randomized(tiny(backend=backend))
+    x, t, y = _inputs(model)
+    keep = ops.draw_route(3, model.num_patches, 12)
+    routes = model.draw_routes([Route(1, 2, 0.5), Route(4, 6, 0.25)], 3, num_tokens=12)
+    calls = _count_index_checks(monkeypatch)
+    out, hidden = model(x, t, y, keep_idx=keep, routes=routes, return_hidden=(1, 5))
+    assert calls == ["keep_idx", "routes[0].idx", "routes[1].idx"]
+    (out.square().mean() + hidden[5].mean()).backward()
+    assert len(calls) == 3, f"checks in the backward: {calls[3:]}"
+    calls.clear()
+    model(x, t, y, routes=[Route(2, 5, 0.5)]).mean().backward()  # drawn inside: valid by construction
+    assert calls == []
+    monkeypatch.setenv("EFFKERNELS_CHECK_INDICES", "0")
+    model(x, t, y, keep_idx=keep, routes=routes)
+    assert calls == []
+
+
+def test_bad_predrawn_routes():
+    model = tiny()
+    x, t, y = _inputs(model, 2)
+    N = model.num_patches
+    with pytest.raises(TypeError, match="Route.idx"):
+        Route(1, 2, 0.5, idx=torch.zeros(2, 8))
+    with pytest.raises(TypeError, match="Route.idx"):
+        Route(1, 2, 0.5, idx=[[0, 1]])
+    with pytest.raises(ValueError, match=r"routes\[0\]\.idx must have shape .*\(2, 8\)"):
+        model(x, t, y, routes=[Route(1, 2, 0.5, idx=ops.draw_route(2, N, 7))])
+    with pytest.raises(ValueError, match=r"routes\[0\]\.idx must have shape"):
+        model(x, t, y, routes=[Route(1, 2, 0.5, idx=ops.draw_route(3, N, 8))])
+    dup = ops.draw_route(2, N, 8)
+    dup[1, 1] = dup[1, 0]
+    with pytest.raises(ValueError, match=r"routes\[1\]\.idx has a duplicate"):
+        model(x, t, y, routes=[Route(1, 2, 0.5), Route(3, 4, 0.5, idx=dup)])
+    with pytest.raises(ValueError, match=r"routes\[0\]\.idx values must lie in \[0, 16\)"):
+        model(x, t, y, routes=[Route(1, 2, 0.5, idx=dup + N)])
+    with pytest.raises(ValueError, match="keep_idx values"):
+        model(x, t, y, keep_idx=torch.tensor([[0, 16], [1, 2]]))
+    with pytest.raises(ValueError, match="non-overlapping"):
+        model.draw_routes([Route(2, 4), Route(4, 5)], 2)

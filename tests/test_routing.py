@@ -303,3 +303,102 @@ def test_compile_fullgraph_keeps_ops(seed):
         return {str(n.target) for gm in gms for n in gm.graph.nodes if n.op == "call_function"}
     for kind in ("fw", "bw"):  # the backward of each op is built from the same two ops
         assert {"effkernels.route_gather.default", "effkernels.route_scatter.default"} <= targets(kind), kind
+
+
+# ---------------------------------------------------------------------------------------------
+# draw_route's arguments, and where index values are checked (once, never inside the ops)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,exc,match", [
+    ((2, 17, 18), ValueError, r"keep must be an int in \[0, 17\], got 18"),
+    ((2, 17, -1), ValueError, "keep"),
+    ((2, 17, 2.5), TypeError, "keep must be an int, got float"),
+    ((2, 17, True), TypeError, "keep"),
+    ((-1, 17, 2), ValueError, "batch"),
+    ((2.0, 17, 2), TypeError, "batch"),
+    ((2, -3, 0), ValueError, "num_tokens"),
+    ((2, "17", 2), TypeError, "num_tokens"),
+])
+def test_draw_route_validates_arguments(args, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.draw_route(*args)
+
+
+def test_draw_route_edges():
+    import numpy as np
+    assert ops.draw_route(2, 17, 0).shape == (2, 0)
+    assert torch.equal(ops.draw_route(2, 17, 17), torch.arange(17).expand(2, 17))
+    assert ops.draw_route(np.int64(3), 5, torch.tensor(2)).shape == (3, 2)
+
+
+def _count_checks(monkeypatch):
+    calls = []
+    real = ops.routing.check_index_values
+
+    def counting(idx, num_tokens, name="idx"):
+        calls.append(name)
+        return real(idx, num_tokens, name)
+    monkeypatch.setattr(ops.routing, "check_index_values", counting)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ("triton", "reference"))
+def test_index_checked_once_in_the_public_call_never_in_backward(seed, monkeypatch, backend):
+    calls = _count_checks(monkeypatch)
+    x = torch.randn(2, 9, 5, requires_grad=True)
+    sub = torch.randn(2, 4, 5, requires_grad=True)
+    idx = _draw(2, 9, 4, torch.int64)
+    g = ops.route_gather(x, idx, backend=backend)
+    s = ops.route_scatter(x, sub, idx, backend=backend)
+    assert calls == ["idx", "idx"]  # one per public call, in Python, before the op
+    (g.sum() + s.square().sum()).backward()
+    assert len(calls) == 2, "the ops' backward must not check (nor sync with the host)"
+    ops.route_gather(x, idx, backend=backend, check_idx=False)
+    ops.route_scatter(x, sub, idx, backend=backend, check_idx=False)
+    # Called directly, the registered ops trust their index.
+    torch.ops.effkernels.route_gather(x, idx, "triton")
+    assert len(calls) == 2
+    monkeypatch.setenv("EFFKERNELS_CHECK_INDICES", "0")
+    ops.route_gather(x, idx, backend=backend)
+    assert len(calls) == 2
+
+
+def test_check_route_index_is_public_and_names_its_argument():
+    assert ops.check_route_index is ops.routing.check_route_index
+    ops.check_route_index(torch.tensor([[0, 4], [3, 1]]), 5, batch=2)
+    ops.check_route_index(torch.zeros(2, 0, dtype=torch.long), 5)
+    cases = [
+        (TypeError, "keep_idx must be a torch.Tensor", [[0, 1]], {}),
+        (TypeError, "keep_idx must be an int32 or int64", torch.zeros(2, 2), {}),
+        (ValueError, "keep_idx must have 2 dims", torch.zeros(2, dtype=torch.long), {}),
+        (ValueError, "keep_idx has batch 2 but x has batch 3", torch.zeros(2, 1, dtype=torch.long), {"batch": 3}),
+        (ValueError, "keep_idx selects K=6", torch.arange(6).expand(2, 6), {}),
+        (ValueError, r"keep_idx values must lie in \[0, 5\), got range \[0, 5\]", torch.tensor([[0, 5]]), {}),
+        (ValueError, r"keep_idx values .* \[-2, 1\]", torch.tensor([[-2, 1]]), {}),
+        (ValueError, "keep_idx has a duplicate", torch.tensor([[1, 3], [2, 2]], dtype=torch.int32), {}),
+    ]
+    for exc, match, idx, kw in cases:
+        with pytest.raises(exc, match=match):
+            ops.check_route_index(idx, 5, name="keep_idx", **kw)
+
+
+def test_check_route_index_syncs_once(seed, monkeypatch):
+    """The value check reads the index on the host once (one bool), however many rows it has."""
+    idx = _draw(4, 50, 20, torch.int64)
+    syncs = []
+    real = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: syncs.append(1) or real(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: (_ for _ in ()).throw(AssertionError("item()")))
+    ops.check_route_index(idx, 50)
+    assert len(syncs) == 1
+
+
+def test_compiled_ops_skip_the_value_check(seed, monkeypatch):
+    calls = _count_checks(monkeypatch)
+    idx = _draw(2, 9, 4, torch.int64)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: ops.route_gather(x, idx, backend="triton").sum(), fullgraph=True,
+                      backend="aot_eager")
+    x = torch.randn(2, 9, 5, requires_grad=True)
+    f(x).backward()
+    assert calls == [] and torch.equal(x.grad, ref.route_scatter(torch.zeros_like(x), torch.ones(2, 4, 5), idx))

@@ -1,10 +1,14 @@
-"""Python side of the compiled extension effkernels._C: fake (meta) kernels and autograd for its ops.
+"""Python side of the compiled extension effkernels._C: fake (meta) kernels for its ops.
 
 `import effkernels._C` loads the library and registers the ops torch.ops.effkernels_C.* (schemas in
-csrc/bindings.cpp, CPU and CUDA kernels in csrc/<family>.cu). This package adds, for torch.compile
-and torch.library.opcheck, a fake kernel for every op and autograd for the functional forward ops;
-the modules routing.py, adaln.py and align.py expose the kernel primitive contract of
-effkernels/ops/<family>.py over them (the `cuda` and `cpp` backends).
+csrc/bindings.cpp, CPU and CUDA kernels in csrc/<family>.cu). This package adds a fake kernel for
+every op, for torch.library.opcheck and for tracing the raw ops; the modules routing.py, adaln.py
+and align.py expose the kernel primitive contract of effkernels/ops/<family>.py over them (the
+`cuda` and `cpp` backends).
+
+The raw ops have no autograd of their own: they are primitives that effkernels.ops' registered ops
+(torch.library.custom_op, with register_autograd) call inside their implementations, below the
+autograd layer. That autograd is the one place the backward of every op family is defined.
 
 If the extension was not built, importing this package still works (AVAILABLE is False, WHY says
 why); importing one of the family modules then raises ImportError.
@@ -68,79 +72,6 @@ def _register() -> None:
         # The schema's python module is effkernels._ext: give the fakes this module's name.
         fn.__module__ = __name__
         torch.library.register_fake(lib + name, fn)
-
-    C = torch.ops.effkernels_C
-
-    # ---- routing ----
-    def gather_setup(ctx, inputs, output):
-        x, idx = inputs
-        ctx.save_for_backward(idx)
-        ctx.n = x.shape[1]
-
-    def gather_bwd(ctx, grad):
-        (idx,) = ctx.saved_tensors
-        return C.scatter(None, grad.contiguous(), idx, ctx.n), None
-
-    def scatter_setup(ctx, inputs, output):
-        x, x_sub, idx, num_tokens = inputs
-        ctx.save_for_backward(idx)
-        ctx.has_x, ctx.has_sub, ctx.n = x is not None, x_sub is not None, num_tokens
-
-    def scatter_bwd(ctx, grad):
-        (idx,) = ctx.saved_tensors
-        grad = grad.contiguous()
-        dx = C.scatter(grad, None, idx, ctx.n) if ctx.has_x else None
-        dsub = C.gather(grad, idx) if ctx.has_sub else None
-        return dx, dsub, None, None
-
-    # ---- adaln ----
-    def ln_setup(ctx, inputs, output):
-        x, shift, scale, w, b, eps = inputs
-        _, mean, rstd = output
-        ctx.save_for_backward(x, shift, scale, w, b, mean, rstd)
-
-    def ln_bwd(ctx, dout, _dmean, _drstd):
-        x, shift, scale, w, b, mean, rstd = ctx.saved_tensors
-        # Incoming gradients may be expanded (stride 0 along D); the kernels need unit stride there.
-        dout = torch.zeros_like(x) if dout is None else dout.contiguous()
-        dx, dsh, dsc, dw, db = C.ln_modulate_bwd(dout, x, shift, scale, w, b, mean, rstd)
-        return dx, dsh, dsc, dw if w is not None else None, db if b is not None else None, None
-
-    def gr_setup(ctx, inputs, output):
-        x, y, gate = inputs
-        ctx.save_for_backward(y, gate)
-
-    def gr_bwd(ctx, dout):
-        y, gate = ctx.saved_tensors
-        dy, dgate = C.gated_residual_bwd(dout.contiguous(), y, gate)
-        return dout, dy, dgate
-
-    def fused_setup(ctx, inputs, output):
-        x, y, gate, shift, scale, w, b, eps = inputs
-        h, _, mean, rstd = output
-        ctx.save_for_backward(h, y, gate, shift, scale, w, b, mean, rstd)
-
-    def fused_bwd(ctx, dh, dout, _dmean, _drstd):
-        h, y, gate, shift, scale, w, b, mean, rstd = ctx.saved_tensors
-        dh = torch.zeros_like(h) if dh is None else dh.contiguous()
-        dout = torch.zeros_like(h) if dout is None else dout.contiguous()
-        dx, dy, dg, dsh, dsc, dw, db = C.fused_bwd(dh, dout, h, y, gate, shift, scale, w, b, mean, rstd)
-        return dx, dy, dg, dsh, dsc, dw if w is not None else None, db if b is not None else None, None
-
-    # ---- align ----
-    def cos_setup(ctx, inputs, output):
-        z_hat, z, eps = inputs
-        ctx.save_for_backward(z_hat, z)
-        ctx.eps = eps
-
-    def cos_bwd(ctx, dcos):
-        z_hat, z = ctx.saved_tensors
-        return C.cosine_bwd(dcos.float(), z_hat, z, ctx.eps), None, None
-
-    for name, bwd, setup in (("gather", gather_bwd, gather_setup), ("scatter", scatter_bwd, scatter_setup),
-                             ("ln_modulate_fwd", ln_bwd, ln_setup), ("gated_residual_fwd", gr_bwd, gr_setup),
-                             ("fused_fwd", fused_bwd, fused_setup), ("cosine_fwd", cos_bwd, cos_setup)):
-        torch.library.register_autograd(lib + name, bwd, setup_context=setup)
 
 
 if AVAILABLE:

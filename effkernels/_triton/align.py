@@ -5,13 +5,15 @@ Primitives (contract in effkernels/ops/align.py):
   cosine_bwd(dcos, z_hat, z, eps, out=None)  -> d z_hat, z_hat's dtype and layout (empty_like, which
                                                  is what the op's fake tensor promises)
 
-cos = <z_hat, z> / (max(|z_hat|, eps) * max(|z|, eps)), F.normalize's clamp, so a zero row gives 0.
+cos = <z_hat, z> / (max(|z_hat|, e) * max(|z|, e)), F.normalize's clamp, so a zero row gives 0, with
+e = max(eps, finfo(z_hat.dtype).tiny) (reference.align.norm_clamp: keeps a zero fp16 row's gradient,
+up to |dcos| / e, finite). The launchers raise eps to e; the kernels take it as given.
 One program per block of BLOCK_R rows; the dot product and both squared norms are accumulated in
 float32 in the same sweep over D (BLOCK_D columns at a time). Rows may have any strides (a token
 slice of a larger buffer, a transposed batch) as long as D is unit-stride, which ops guarantees.
 z_hat and z may have different dtypes; each is upcast on load.
 
-Backward, with a = max(|z_hat|, eps), c = max(|z|, eps), g = [|z_hat| >= eps] (the clamp passes
+Backward, with a = max(|z_hat|, e), c = max(|z|, e), g = [|z_hat| >= e] (the clamp passes
 its gradient only where it does not clamp, as torch's clamp_min does, equality included):
   d z_hat = dcos * (z / (a c) - g cos z_hat / a^2)
 """
@@ -117,6 +119,7 @@ def _blocks(d: int) -> tuple[int, int, bool]:
 
 
 def _check_pair(z_hat, z, eps) -> float:
+    """Validate the pair; -> the norm clamp the kernels use."""
     for name, t in (("z_hat", z_hat), ("z", z)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -132,7 +135,7 @@ def _check_pair(z_hat, z, eps) -> float:
         raise ValueError(f"z is on {z.device} but z_hat is on {z_hat.device}")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0 or eps == float("inf"):
         raise ValueError(f"eps must be a finite positive number, got {eps!r}")
-    return float(eps)
+    return max(float(eps), torch.finfo(z_hat.dtype).tiny)  # reference.align.norm_clamp
 
 
 def _check_out(out, shape, dtype, device, any_rows=False):

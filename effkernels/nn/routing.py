@@ -13,6 +13,14 @@ from .. import ops
 from ._common import check_backend, check_ratio
 
 
+def keep_count(num_tokens: int, ratio: float) -> int:
+    """How many tokens a route with `ratio` keeps (processes) of `num_tokens`: N - round(N * ratio)."""
+    keep = num_tokens - round(num_tokens * ratio)
+    if keep < 1:
+        raise ValueError(f"ratio={ratio} routes every one of the {num_tokens} tokens; keep at least one")
+    return keep
+
+
 class TokenRouter(nn.Module):
     """Gather a random subset of tokens before a span of blocks and put them back after it.
 
@@ -25,8 +33,10 @@ class TokenRouter(nn.Module):
     Use:
         x_sub, idx = router(x)               # x (B, N, D) -> x_sub (B, K, D), idx (B, K) int64 or None
         ...blocks on x_sub...
-        x = router.restore(x, x_sub, idx)     # out of place: x with rows idx replaced -> (B, N, D)
+        x = router.restore(x, x_sub, idx, check_idx=False)  # out of place -> (B, N, D)
     Routed tokens come back exactly as they went in (the saved full sequence is not modified).
+    gather/restore check an index's values (a host sync, eager only) unless check_idx=False: pass
+    False for an index this router drew (valid by construction) or one checked already.
     """
 
     def __init__(self, ratio: float, generator: torch.Generator | None = None, *, backend: str | None = None):
@@ -39,10 +49,7 @@ class TokenRouter(nn.Module):
 
     def keep_count(self, num_tokens: int) -> int:
         """How many tokens a sequence of `num_tokens` keeps (processes): N - round(N * ratio)."""
-        keep = num_tokens - round(num_tokens * self.ratio)
-        if keep < 1:
-            raise ValueError(f"ratio={self.ratio} routes every one of the {num_tokens} tokens; keep at least one")
-        return keep
+        return keep_count(num_tokens, self.ratio)
 
     def draw(self, batch: int, num_tokens: int, device: torch.device | str | None = None) -> torch.Tensor | None:
         """A fresh sorted keep index (B, K) int64, or None when ratio is 0 (nothing routed)."""
@@ -51,19 +58,22 @@ class TokenRouter(nn.Module):
         return ops.draw_route(batch, num_tokens, self.keep_count(num_tokens), generator=self.generator,
                               device=device, sort=True)
 
-    def gather(self, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    def gather(self, x: torch.Tensor, idx: torch.Tensor | None, *, check_idx: bool = True) -> torch.Tensor:
         """x (B, N, D) -> (B, K, D) rows idx; x itself when idx is None."""
-        return x if idx is None else ops.route_gather(x, idx, backend=self.backend)
+        return x if idx is None else ops.route_gather(x, idx, backend=self.backend, check_idx=check_idx)
 
-    def restore(self, x_full: torch.Tensor, x_sub: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    def restore(self, x_full: torch.Tensor, x_sub: torch.Tensor, idx: torch.Tensor | None, *,
+                check_idx: bool = True) -> torch.Tensor:
         """x_full with rows idx replaced by x_sub, out of place: -> (B, N, D); x_sub when idx is None."""
-        return x_sub if idx is None else ops.route_scatter(x_full, x_sub, idx, backend=self.backend)
+        if idx is None:
+            return x_sub
+        return ops.route_scatter(x_full, x_sub, idx, backend=self.backend, check_idx=check_idx)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             raise ValueError(f"x must be a (B, N, D) tensor, got {getattr(x, 'shape', type(x).__name__)}")
         idx = self.draw(x.shape[0], x.shape[1], x.device)
-        return self.gather(x, idx), idx
+        return self.gather(x, idx, check_idx=False), idx
 
     def extra_repr(self) -> str:
         return f"ratio={self.ratio}"

@@ -65,5 +65,6 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
 
 
 def data_checks_enabled() -> bool:
-    """Index range/duplicate checks read the index on the host; EFFKERNELS_CHECK_INDICES=0 skips them."""
+    """Data-dependent checks (routing index range/duplicates, cu_seqlens offsets) read a tensor on
+    the host, once where the caller passes it in, in eager mode; EFFKERNELS_CHECK_INDICES=0 skips them."""
     return os.environ.get("EFFKERNELS_CHECK_INDICES", "1") != "0"

@@ -4,7 +4,8 @@ z_hat (B, N, D) the projection, z (B, N, D) the target (no gradient ever flows i
 may differ (a bf16 projection against an fp32 encoder target is normal); the math is float32.
 
 Kernel backend primitives (effkernels._triton.align, effkernels._ext.align):
-  cosine_fwd(z_hat, z, eps, out=None) -> cos (B, N) float32, one pass: norms and dot product fused
+  cosine_fwd(z_hat, z, eps, out=None) -> cos (B, N) float32, one pass: norms and dot product fused;
+      norms clamped at reference.align.norm_clamp(eps, z_hat.dtype) (the primitives apply it)
   cosine_bwd(dcos, z_hat, z, eps) -> dz_hat (z_hat's dtype); dcos (B, N) float32, may be an
       expanded (stride 0) view; norms recomputed, one pass.
 """
@@ -63,7 +64,11 @@ _cos_op.register_autograd(_cos_bwd, setup_context=_cos_setup)
 
 def per_token_cosine(z_hat: torch.Tensor, z: torch.Tensor, eps: float = 1e-8, *,
                      backend: str | None = None) -> torch.Tensor:
-    """cos(z_hat[b, n], z[b, n]) over D in float32 (norms clamped at eps): -> (B, N) float32."""
+    """cos(z_hat[b, n], z[b, n]) over D in float32: -> (B, N) float32.
+
+    Norms are clamped below at max(eps, finfo(z_hat.dtype).tiny) (reference.align.norm_clamp): eps
+    itself for float32/bfloat16, 2**-14 for float16, so that a zero fp16 row's gradient is finite.
+    """
     _check(z_hat, z)
     eps = check_eps(eps)
     b = pick("per_token_cosine", z_hat.device, backend)

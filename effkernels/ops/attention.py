@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..reference import attention as ref
-from ._common import check_same, check_tensor
+from ._common import check_same, check_tensor, data_checks_enabled, pick
 
 lengths_to_cu_seqlens = ref.lengths_to_cu_seqlens
 
@@ -66,25 +66,51 @@ def _check_qkv(q, k, v, dims):
     check_same(("q", "k", "v"), (q, k, v))
 
 
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """Offsets start at 0, never decrease, end at the packed row count; max_seqlen covers the longest
+    segment. Data-dependent (one host sync), so eager only; EFFKERNELS_CHECK_INDICES=0 skips it.
+    Unchecked, rows past cu_seqlens[-1] would silently stay zero and flash-attn would read past a
+    segment shorter than max_seqlen claims."""
+    if torch.compiler.is_compiling() or not data_checks_enabled():
+        return
+    steps = cu_seqlens[1:] - cu_seqlens[:-1]
+    first, last, low, high = torch.stack([cu_seqlens[0], cu_seqlens[-1], steps.min(), steps.max()]).tolist()
+    if first != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {first}")
+    if low < 0:
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
+    if last != total:
+        raise ValueError(f"cu_seqlens must end at the number of packed rows T={total}, got {last}")
+    if max_seqlen < high:
+        raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest segment in cu_seqlens ({high})")
+
+
 def visible_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                       cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                       scale: float | None = None, backend: str | None = None) -> torch.Tensor:
-    """Attention within each sample's visible tokens: dense (B, H, K, Dh) or packed (T, H, Dh)."""
+    """Attention within each sample's visible tokens: dense (B, H, K, Dh) or packed (T, H, Dh).
+
+    backend: as for every op; an explicit backend that cannot run on q's device is an error (the
+    dense form runs PyTorch's SDPA on every backend that can run, the packed form flash-attn or the
+    reference op). Packed: cu_seqlens (S + 1,) int32/int64 offsets from 0 to T, non-decreasing,
+    and max_seqlen >= the longest segment (values checked once, in eager mode).
+    """
+    dims = 4 if cu_seqlens is None else 3
+    _check_qkv(q, k, v, dims)
+    pick("visible_attention", q.device, backend)  # raises for an explicit backend that cannot run here
     if cu_seqlens is None:
-        _check_qkv(q, k, v, 4)
-        backends.requested_backend(backend)  # validates the name; every backend runs PyTorch's SDPA here
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    _check_qkv(q, k, v, 3)
     check_tensor("cu_seqlens", cu_seqlens, dims=(1,), integer=True)
     check_same(("q", "cu_seqlens"), (q, cu_seqlens), dtype=False)
     if cu_seqlens.shape[0] < 2:
         raise ValueError(f"cu_seqlens must hold at least 2 offsets (S + 1,), got shape {tuple(cu_seqlens.shape)}")
     if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 1:
         raise ValueError(f"max_seqlen must be a positive int (the longest segment), got {max_seqlen!r}")
+    _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    name = backends.requested_backend(backend)
-    use_fa = (name in ("auto", "cuda") and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-              and backends.flash_attn_status()[0])
+    # flash-attn is its own package, not effkernels._C: auto uses it whenever it can run.
+    use_fa = (backends.requested_backend(backend) in ("auto", "cuda") and q.is_cuda
+              and q.dtype in (torch.float16, torch.bfloat16) and backends.flash_attn_status()[0])
     if use_fa:
         from flash_attn import flash_attn_varlen_func
         cu = cu_seqlens.to(torch.int32)

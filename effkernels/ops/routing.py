@@ -4,7 +4,9 @@ x (B, N, D) float; idx (B, K) int32/int64, each row K distinct positions in [0, 
   route_gather(x, idx)          -> (B, K, D)   x_sub[b, k] = x[b, idx[b, k]]
   route_scatter(x, x_sub, idx)  -> (B, N, D)   x with rows idx[b, k] replaced by x_sub[b, k]
 Backward of gather scatters into zeros; backward of scatter gathers d(x_sub) from the rows it wrote
-and passes d(x) with those rows zeroed. Duplicate indices are rejected, never summed.
+and passes d(x) with those rows zeroed. Duplicate indices are rejected, never summed: the public
+functions check an index's values once, in eager mode (check_route_index), never inside the ops or
+their backward; check_idx=False skips even that for an index drawn here or checked already.
 
 Kernel backend primitives (effkernels._triton.routing, effkernels._ext.routing):
   gather(x, idx, out=None) -> (B, K, D)
@@ -18,18 +20,35 @@ import torch
 from ..reference import routing as ref
 from ._common import check_same, check_tensor, data_checks_enabled, kernel_module, pick
 
-draw_route = ref.draw_route
 complement = ref.complement
 inverse = ref.inverse
 
 
+def _count(name: str, v, lo: int, hi: int | None = None) -> int:
+    # bool is an int to Python but never a count; __index__ admits numpy and torch integers.
+    if isinstance(v, bool) or not hasattr(type(v), "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    v = int(v)
+    if v < lo or (hi is not None and v > hi):
+        raise ValueError(f"{name} must be an int in [{lo}, {'inf' if hi is None else hi}], got {v}")
+    return v
+
+
+def draw_route(batch: int, num_tokens: int, keep: int, *, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None, sort: bool = True) -> torch.Tensor:
+    """Per sample, `keep` distinct positions in [0, num_tokens), uniform: (batch, keep) int64.
+
+    See reference.routing.draw_route. The index is valid by construction, so the ops that take it
+    can skip the host-syncing value check (check_idx=False)."""
+    batch = _count("batch", batch, 0)
+    num_tokens = _count("num_tokens", num_tokens, 0)
+    keep = _count("keep", keep, 0, num_tokens)
+    return ref.draw_route(batch, num_tokens, keep, generator=generator, device=device, sort=sort)
+
+
 def _check_args(x, idx, x_sub=None):
     check_tensor("x", x, dims=(3,), floating=True)
-    check_tensor("idx", idx, dims=(2,), integer=True)
-    if idx.shape[0] != x.shape[0]:
-        raise ValueError(f"idx has batch {idx.shape[0]} but x has batch {x.shape[0]}")
-    if idx.shape[1] > x.shape[1]:
-        raise ValueError(f"idx selects K={idx.shape[1]} tokens but x has only N={x.shape[1]}")
+    _check_index_static(idx, x.shape[1], x.shape[0], "idx")
     check_same(("x", "idx"), (x, idx), dtype=False)
     if x_sub is not None:
         check_tensor("x_sub", x_sub, dims=(3,), floating=True)
@@ -39,25 +58,52 @@ def _check_args(x, idx, x_sub=None):
         check_same(("x", "x_sub"), (x, x_sub))
 
 
-def check_index_values(idx: torch.Tensor, num_tokens: int) -> None:
-    """Data-dependent checks (host sync): every index in [0, N) and no duplicates in a row."""
-    if not data_checks_enabled() or idx.numel() == 0:
+def _check_index_static(idx, num_tokens: int, batch: int | None, name: str) -> None:
+    check_tensor(name, idx, dims=(2,), integer=True)
+    if batch is not None and idx.shape[0] != batch:
+        raise ValueError(f"{name} has batch {idx.shape[0]} but x has batch {batch}")
+    if idx.shape[1] > num_tokens:
+        raise ValueError(f"{name} selects K={idx.shape[1]} tokens but x has only N={num_tokens}")
+
+
+def check_index_values(idx: torch.Tensor, num_tokens: int, name: str = "idx") -> None:
+    """Every index in [0, N) and no duplicate in a row: one host sync (more only to word an error)."""
+    if idx.numel() == 0:
         return
-    lo, hi = int(idx.min()), int(idx.max())
-    if lo < 0 or hi >= num_tokens:
-        raise ValueError(f"idx values must lie in [0, {num_tokens}), got range [{lo}, {hi}]")
     s = idx.sort(dim=1).values
-    if bool((s[:, 1:] == s[:, :-1]).any()):
-        raise ValueError("idx has a duplicate position in some row; routing indices must be distinct")
+    bad = (s[:, 0] < 0).any() | (s[:, -1] >= num_tokens).any() | (s[:, 1:] == s[:, :-1]).any()
+    if not bool(bad):
+        return
+    lo, hi = int(s[:, 0].min()), int(s[:, -1].max())
+    if lo < 0 or hi >= num_tokens:
+        raise ValueError(f"{name} values must lie in [0, {num_tokens}), got range [{lo}, {hi}]")
+    raise ValueError(f"{name} has a duplicate position in some row; routing indices must be distinct")
+
+
+def check_route_index(idx: torch.Tensor, num_tokens: int, *, batch: int | None = None,
+                      name: str = "idx") -> None:
+    """Check a routing index a user passes in, once, before the ops that share it.
+
+    Static part (always, free under torch.compile): a (B, K) int32/int64 tensor, K <= num_tokens,
+    B == batch when given. Value part (eager only; skipped while torch.compile traces, and when
+    EFFKERNELS_CHECK_INDICES=0): every value in [0, num_tokens), no duplicate in a row. The value
+    part reads the index on the host (a sync), which is why the registered ops never run it: check
+    once here, then call route_gather/route_scatter with check_idx=False. Errors name `name`.
+    """
+    _check_index_static(idx, num_tokens, batch, name)
+    if torch.compiler.is_compiling() or not data_checks_enabled() or idx.numel() == 0:
+        return
+    check_index_values(idx, num_tokens, name)
 
 
 # ---------------------------------------------------------------------------------------------
-# Registered ops: the backend is a plain string argument so torch.compile sees a constant.
+# Registered ops: the backend is a plain string argument so torch.compile sees a constant. They
+# trust idx (the public functions check it, once): a check here would sync with the host on every
+# call, forward and backward, and inside compiled graphs.
 # ---------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("effkernels::route_gather", mutates_args=())
 def _gather_op(x: torch.Tensor, idx: torch.Tensor, backend: str) -> torch.Tensor:
-    check_index_values(idx, x.shape[1])
     return kernel_module("routing", backend).gather(x.contiguous(), idx.contiguous())
 
 
@@ -69,7 +115,6 @@ def _(x, idx, backend):
 @torch.library.custom_op("effkernels::route_scatter", mutates_args=())
 def _scatter_op(x: torch.Tensor | None, x_sub: torch.Tensor | None, idx: torch.Tensor,
                 num_tokens: int, backend: str) -> torch.Tensor:
-    check_index_values(idx, num_tokens)
     mod = kernel_module("routing", backend)
     return mod.scatter(None if x is None else x.contiguous(),
                        None if x_sub is None else x_sub.contiguous(), idx.contiguous(), num_tokens)
@@ -117,24 +162,30 @@ _scatter_op.register_autograd(_scatter_bwd, setup_context=_scatter_setup)
 # Public functions
 # ---------------------------------------------------------------------------------------------
 
-def route_gather(x: torch.Tensor, idx: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """Rows idx of every sample: (B, N, D), (B, K) -> (B, K, D)."""
+def route_gather(x: torch.Tensor, idx: torch.Tensor, *, backend: str | None = None,
+                 check_idx: bool = True) -> torch.Tensor:
+    """Rows idx of every sample: (B, N, D), (B, K) -> (B, K, D).
+
+    check_idx: check idx's values first (check_route_index; eager only, a host sync). Pass False
+    for an index drawn by draw_route or already checked, e.g. one shared by many calls."""
     _check_args(x, idx)
+    if check_idx:
+        check_route_index(idx, x.shape[1])
     b = pick("route_gather", x.device, backend)
     if b == "reference":
-        if not torch.compiler.is_compiling():
-            check_index_values(idx, x.shape[1])
         return ref.route_gather(x, idx)
     return _gather_op(x, idx, b)
 
 
 def route_scatter(x: torch.Tensor, x_sub: torch.Tensor, idx: torch.Tensor, *,
-                  backend: str | None = None) -> torch.Tensor:
-    """x with rows idx of every sample replaced by x_sub, out of place: -> (B, N, D)."""
+                  backend: str | None = None, check_idx: bool = True) -> torch.Tensor:
+    """x with rows idx of every sample replaced by x_sub, out of place: -> (B, N, D).
+
+    check_idx: as for route_gather."""
     _check_args(x, idx, x_sub)
+    if check_idx:
+        check_route_index(idx, x.shape[1])
     b = pick("route_scatter", x.device, backend)
     if b == "reference":
-        if not torch.compiler.is_compiling():
-            check_index_values(idx, x.shape[1])
         return ref.route_scatter(x, x_sub, idx)
     return _scatter_op(x, x_sub, idx, x.shape[1], b)

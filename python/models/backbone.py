@@ -5,20 +5,22 @@ unchanged through effkernels.models.convert), with three additions used by the t
   - hidden states at chosen depths (REPA, ERW, SRA), blocks numbered 1..depth, "depth d" = output
     of block d; `stop_at=d` runs blocks 1..d only (SRA's teacher);
   - TREAD routes: `routes=[Route(start, end, ratio)]` runs blocks start..end on a random subset of
-    tokens per sample, the others skip them and re-enter unchanged;
+    tokens per sample, the others skip them and re-enter unchanged; `model.draw_routes(...)` draws
+    the subsets beforehand (what torch.compile needs);
   - MaskDiT's encoder: `keep_idx` (B, K) runs the whole network on those tokens only and returns
     tokens (B, K, p*p*C_out) instead of an image.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from effkernels import ops
-from effkernels.nn import DiTBlock, ModulatedLayerNorm, TokenRouter
+from effkernels.nn import DiTBlock, ModulatedLayerNorm
+from effkernels.nn.routing import keep_count
 from effkernels.nn._common import check_backend, check_positive_int, check_ratio
 
 
@@ -133,10 +135,18 @@ class FinalLayer(nn.Module):
 
 @dataclass(frozen=True)
 class Route:
-    """TREAD route: blocks start..end (1-based, inclusive) see only N - round(N * ratio) tokens per sample."""
+    """TREAD route: blocks start..end (1-based, inclusive) see only K = N - round(N * ratio) tokens.
+
+    idx: None (DiT.forward draws the kept tokens itself, from its `generator`), or a pre-drawn keep
+        index (B, K) int32/int64, K distinct positions per sample. Pre-drawn routes are what
+        torch.compile needs: draw them outside the compiled region (`route.draw(...)`,
+        `DiT.draw_routes(...)`), pass them in; forward then draws nothing and builds nothing.
+    """
     start: int
     end: int
     ratio: float = 0.5
+    # Not compared or hashed (a tensor has no truth value) and not printed (it is B x K numbers).
+    idx: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         check_positive_int("Route.start", self.start)
@@ -144,6 +154,20 @@ class Route:
         if self.end < self.start:
             raise ValueError(f"Route.end ({self.end}) must be >= Route.start ({self.start})")
         check_ratio("Route.ratio", self.ratio)
+        if self.idx is not None and (not isinstance(self.idx, torch.Tensor) or self.idx.dim() != 2
+                                     or self.idx.dtype not in (torch.int32, torch.int64)):
+            got = tuple(self.idx.shape) if isinstance(self.idx, torch.Tensor) else type(self.idx).__name__
+            raise TypeError(f"Route.idx must be None or a (B, K) int32/int64 tensor, got {got}")
+
+    def keep(self, num_tokens: int) -> int:
+        """K, the tokens this route's blocks process out of num_tokens: N - round(N * ratio)."""
+        return keep_count(num_tokens, self.ratio)
+
+    def draw(self, batch: int, num_tokens: int, *, generator: torch.Generator | None = None,
+             device: torch.device | str | None = None) -> "Route":
+        """This route with a fresh sorted keep index (batch, K) int64 drawn from `generator`."""
+        idx = ops.draw_route(batch, num_tokens, self.keep(num_tokens), generator=generator, device=device)
+        return replace(self, idx=idx)
 
 
 class DiT(nn.Module):
@@ -278,6 +302,38 @@ class DiT(nn.Module):
             prev_end = r.end
         return want, last, routes
 
+    def draw_routes(self, routes, batch: int, *, num_tokens: int | None = None,
+                    generator: torch.Generator | None = None, device=None) -> list[Route]:
+        """Draw every route's keep index now, outside forward: -> routes with idx set, for forward.
+
+        routes: a Route or a sorted, non-overlapping sequence (any idx they carry is replaced);
+        batch: B; num_tokens: the tokens the routes see (default num_patches; with keep_idx, its K);
+        generator/device: where to draw (device defaults to the model's). One draw per route, in
+        order: the same draws forward(routes=routes, generator=generator) makes itself.
+        """
+        _, _, routes = self._check_plan((), None, routes)
+        n = self.num_patches if num_tokens is None else num_tokens
+        device = self.pos_embed.device if device is None else device
+        return [r.draw(batch, n, generator=generator, device=device) for r in routes]
+
+    def _route_indices(self, routes, batch, num_tokens, device, generator):
+        """{start: (end, idx or None)}: a pre-drawn idx checked once (eager), else drawn here."""
+        plan = {}
+        for i, r in enumerate(routes):
+            idx = r.idx
+            if idx is None:
+                # Drawn here: valid by construction. ratio 0 routes nothing (idx None: no copy).
+                if r.ratio > 0:
+                    idx = ops.draw_route(batch, num_tokens, r.keep(num_tokens), generator=generator, device=device)
+            else:
+                want = (batch, r.keep(num_tokens))
+                if tuple(idx.shape) != want:
+                    raise ValueError(f"routes[{i}].idx must have shape (B, N - round(N * ratio))={want} "
+                                     f"for N={num_tokens}, ratio={r.ratio}, got {tuple(idx.shape)}")
+                ops.check_route_index(idx, num_tokens, batch=batch, name=f"routes[{i}].idx")
+            plan[r.start] = (r.end, idx)
+        return plan
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,
                 return_hidden=(), stop_at: int | None = None, routes=None, keep_idx: torch.Tensor | None = None,
                 force_drop_ids: torch.Tensor | None = None, generator: torch.Generator | None = None):
@@ -290,34 +346,42 @@ class DiT(nn.Module):
             {d: (B, N, D)}. Inside a route the routed tokens are filled in with their values from
             before the route.
         stop_at: run blocks 1..stop_at only; the output is None (needs return_hidden).
-        routes: TREAD routes (a Route or a sorted, non-overlapping sequence), each with its own
-            draw from `generator` (a torch.Generator on x's device; None = the global RNG).
-            Applied whenever given: turning routing off at inference is the caller's choice.
+        routes: TREAD routes (a Route or a sorted, non-overlapping sequence). A Route without idx
+            is drawn here, one draw each from `generator` (a torch.Generator on x's device; None =
+            the global RNG); a Route with idx (pre-drawn: `self.draw_routes(routes, B, generator=g)`
+            or `Route(3, 9, 0.5).draw(B, N)`) uses that index, (B, N - round(N * ratio)), checked
+            once per forward in eager mode. Pre-drawn routes are the form for torch.compile
+            (fullgraph): forward then draws nothing. Applied whenever given: turning routing off at
+            inference is the caller's choice.
         keep_idx: (B, K) int positions of the tokens the network sees (MaskDiT's encoder); the
             output is then tokens (B, K, p*p*C_out), not an image (unpatchify needs all N), and
-            hidden states are (B, K, D).
+            hidden states are (B, K, D). Checked once per forward in eager mode; routes then apply
+            to the K kept tokens.
+        Index values (range, duplicates) are checked with a host sync, skipped under torch.compile
+        and when EFFKERNELS_CHECK_INDICES=0; the ops that share an index never check it again.
         Returns out, or (out, hidden) when return_hidden is non-empty.
         """
         want, last, routes = self._check_plan(return_hidden, stop_at, routes)
         h, c = self.embed(x, t, y, force_drop_ids)  # (B, N, D), (B, D)
+        be = self.backend
         if keep_idx is not None:
-            h = ops.route_gather(h, keep_idx, backend=self.backend)  # (B, K, D)
-        starts = {r.start: r for r in routes}
-        active = None  # (router, idx, full sequence saved before the route, end)
+            ops.check_route_index(keep_idx, h.shape[1], batch=h.shape[0], name="keep_idx")
+            h = ops.route_gather(h, keep_idx, backend=be, check_idx=False)  # (B, K, D)
+        plan = self._route_indices(routes, h.shape[0], h.shape[1], h.device, generator)
+        active = None  # (idx, full sequence saved before the route, end)
         hidden = {}
         for d, block in enumerate(self.blocks, start=1):
-            if d in starts:
-                r = starts[d]
-                rt = TokenRouter(r.ratio, generator, backend=self.backend)
-                idx = rt.draw(h.shape[0], h.shape[1], h.device)
-                active = (rt, idx, h, r.end)
-                h = rt.gather(h, idx)
+            if d in plan:
+                end, idx = plan[d]
+                active = (idx, h, end)
+                if idx is not None:
+                    h = ops.route_gather(h, idx, backend=be, check_idx=False)
             h = block(h, c)
-            if active is not None and d == active[3]:
-                h = active[0].restore(active[2], h, active[1])
+            if active is not None and d == active[2]:
+                h = self._restore(active, h)
                 active = None
             if d in want:
-                hidden[d] = h if active is None else active[0].restore(active[2], h, active[1])
+                hidden[d] = h if active is None else self._restore(active, h)
             if d == last:
                 break
         out = None
@@ -327,6 +391,11 @@ class DiT(nn.Module):
                 out = self.unpatchify(out)  # (B, C_out, H, W)
         return (out, hidden) if want else out
 
+    def _restore(self, active, h):
+        """The full sequence saved before a route with its routed rows replaced by h (out of place)."""
+        idx, full, _ = active
+        return h if idx is None else ops.route_scatter(full, h, idx, backend=self.backend, check_idx=False)
+
     @torch.no_grad()
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, *,
                          guided_channels: int | None = None) -> torch.Tensor:
@@ -334,18 +403,14 @@ class DiT(nn.Module):
 
         Guidance applies to the first `guided_channels` output channels (default: in_channels, so a
         learned-sigma half is passed through from the conditional branch). -> (B, C_out, H, W).
+        The samplers' guidance (effkernels.models.sample.cfg_forward) does the work.
         """
+        from .sample import cfg_forward
+
         if not self.y_embedder.has_null_class:
             raise ValueError("forward_with_cfg needs a null class: build the model with class_dropout_prob > 0")
-        B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(B) if t.dim() == 0 else t
-        drop = torch.cat([torch.zeros(B, dtype=torch.long), torch.ones(B, dtype=torch.long)]).to(x.device)
-        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), force_drop_ids=drop)
-        cond, uncond = out.chunk(2)
         C = self.in_channels if guided_channels is None else guided_channels
-        guided = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])
-        return torch.cat([guided, cond[:, C:]], dim=1)
+        return cfg_forward(self, x, t, y, cfg_scale, null_class=self.num_classes, guided_channels=C)
 
 
 #################################################################################
