@@ -162,3 +162,35 @@ def test_trains_through_the_cli_fine_tunes_unmasked_and_samples(tmp_path):
     method, models, _ = generator_from_checkpoint(load_checkpoint(str(tmp_path / "last.pt")))
     imgs = method.sample(models, torch.arange(4), torch.randn(4, 1, 8, 8), steps=2)
     assert imgs.shape == (4, 1, 8, 8) and torch.isfinite(imgs).all()
+
+
+class _PatchEncoder(torch.nn.Module):
+    """A user encoder following the REPA protocol: one 8-d token per 2x2 patch."""
+    dim = 8
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 2, 2)
+
+    def encode(self, images):
+        return self.conv(images).flatten(2).transpose(1, 2)  # (B, 16, 8)
+
+
+def test_maskdit_composes_with_repa_on_the_kept_tokens(seed):
+    from effkernels.models.methods import Composite
+    from effkernels.models.methods.repa import REPA
+
+    model = build("tiny/2", **SMALL).train()
+    enc = _PatchEncoder()
+    repa = REPA(model, argparse.Namespace(repa_depth=2, repa_weight=0.5, repa_proj_dim=16), encoders=[enc])
+    m = Composite([("maskdit", MaskDiT(model, _args())), ("repa", repa)])
+    batch = _batch(seed)
+    out = m.loss(model, batch, 0)
+    keep = out["options"]["keep_idx"]
+    assert out["hidden"][2].shape == (3, 8, 32)  # the kept tokens only
+    z = enc.encode(batch["x"]).detach()
+    z_kept = torch.stack([z[b, keep[b]] for b in range(3)])
+    head = repa.projectors[0]
+    want = 0.5 * head(out["hidden"][2], z_kept)
+    torch.testing.assert_close(out["repa"], want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out["loss"], out["loss_base"] + want, rtol=1e-6, atol=0)
