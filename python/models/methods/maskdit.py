@@ -187,7 +187,8 @@ class MaskDiT(Method):
         noise = self.flow.sample_noise(x, batch.get("generator")) if noise is None else noise
         x_t, target = interpolate(x, noise, t), velocity_target(x, noise)
         keep_idx = options.get("keep_idx")
-        drop = self._drop_ids(batch, b, x.device)
+        drop = options.get("force_drop_ids")  # another method (SRA) may have drawn the dropout
+        drop = self._drop_ids(batch, b, x.device) if drop is None else drop
         tokens, hidden = generate(model, self.backbone, self.decoder, x_t, t, y, keep_idx, drop,
                                   options.get("return_hidden", ()))  # (B, N, p*p*C_out)
         bb = self.backbone

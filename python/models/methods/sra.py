@@ -1,0 +1,135 @@
+"""SRA: self-representation alignment (shared/METHODS.md, "SRA").
+
+No external encoder: the teacher is the student's own EMA (eval mode, no grad), given the same clean
+x, the same noise and the same post-dropout labels, at LESS noise per sample:
+    t_teacher = clamp(t - t_max * U(0, 1), 0, 1),  t_max = 0.2.
+The student's hidden state at depth s goes through a head Linear(D, 2D) - SiLU - Linear(2D, D); the
+teacher's raw hidden state at depth t_b is the target, its forward stopped there (stop_at). Loss:
+the per-token cosine over the feature dimension (effkernels.ops.cosine_alignment_loss, fused,
+float32), weight 0.5 at every step; `--sra-loss smooth_l1` (beta 0.05, weight 0.2) is the paper's
+original form, at a constant weight here (METHODS.md gives no schedule for its decay).
+
+Label dropout is drawn here and passed to the student (force_drop_ids) and to the teacher, so both
+see the same labels. Composition: with TREAD the student's hidden state is the full sequence; with
+MaskDiT it holds the kept tokens and the teacher's (dense) hidden state is gathered at them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from effkernels import ops
+
+from ..objectives import interpolate
+from . import register_method
+from .base import ConfigError, Method
+
+# (student depth, teacher depth) by model depth, from METHODS.md: B (12) 4 -> 8, XL (28) 8 -> 20
+# (SiT; DiT-XL with learned sigma 8 -> 16). Other depths: a third and two thirds of the way up.
+PAIRS = {12: (4, 8), 28: (8, 20)}
+
+
+def default_pair(depth: int, learn_sigma: bool = False) -> tuple[int, int]:
+    if depth == 28 and learn_sigma:
+        return 8, 16
+    return PAIRS.get(depth, (max(1, round(depth / 3)), max(1, round(2 * depth / 3))))
+
+
+@register_method("sra")
+class SRA(Method):
+    """Flow loss + weight x alignment of a head on the student's depth s with its EMA's depth t_b."""
+
+    @staticmethod
+    def add_args(group) -> None:
+        group.add_argument("--sra-student-depth", type=int, default=None,
+                           help="student block s; default 4 for depth 12, 8 for 28, else round(depth/3)")
+        group.add_argument("--sra-teacher-depth", type=int, default=None,
+                           help="teacher (EMA) block t_b, where its forward stops; default 8 for depth 12, 20 "
+                                "for 28 (16 for DiT-XL), else round(2 depth/3)")
+        group.add_argument("--sra-t-max", type=float, default=0.2,
+                           help="the teacher's t is t - t_max * U(0, 1), clamped to [0, 1]")
+        group.add_argument("--sra-loss", choices=("cosine", "smooth_l1"), default="cosine",
+                           help="per-token cosine over features (default) or the paper's smooth-L1 (beta 0.05)")
+        group.add_argument("--sra-weight", type=float, default=None,
+                           help="weight of the alignment term; default 0.5 (cosine) or 0.2 (smooth_l1)")
+
+    def __init__(self, model=None, args=None, *, teacher: nn.Module | None = None):
+        super().__init__(model, args)
+        if model is None:
+            raise ConfigError("SRA needs the backbone to size its head")
+        s, tb = default_pair(model.depth, model.learn_sigma)
+        self.student_depth = int(getattr(args, "sra_student_depth", None) or s)
+        self.teacher_depth = int(getattr(args, "sra_teacher_depth", None) or tb)
+        for name, d in (("--sra-student-depth", self.student_depth), ("--sra-teacher-depth", self.teacher_depth)):
+            if not 1 <= d <= model.depth:
+                raise ConfigError(f"{name} must lie in [1, {model.depth}], got {d}")
+        self.t_max = float(getattr(args, "sra_t_max", 0.2))
+        if not 0.0 <= self.t_max <= 1.0:
+            raise ConfigError(f"--sra-t-max must lie in [0, 1], got {self.t_max}")
+        self.loss_kind = getattr(args, "sra_loss", "cosine") or "cosine"
+        w = getattr(args, "sra_weight", None)
+        self.weight = float(w) if w is not None else (0.5 if self.loss_kind == "cosine" else 0.2)
+        if self.weight < 0:
+            raise ConfigError(f"--sra-weight must be >= 0, got {self.weight}")
+        d = model.hidden_size
+        self.head = nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d))
+        self.backbone = model
+        self.teacher = teacher
+
+    def modules(self):
+        return {"sra_head": self.head}
+
+    def attach(self, trainer) -> None:
+        self.teacher = trainer.ema.model  # the EMA the trainer updates after every step
+
+    def _drop_ids(self, batch, b, device):
+        emb = self.backbone.y_embedder
+        if not (self.backbone.training and emb.dropout_prob > 0):
+            return None
+        g = batch.get("generator")
+        u = torch.rand(b, generator=g, device=g.device if g is not None else device).to(device)
+        return (u < emb.dropout_prob).long()
+
+    def forward_options(self, model, batch, step):
+        x = batch["x"]
+        opts = {"return_hidden": (self.student_depth,)}
+        drop = self._drop_ids(batch, x.shape[0], x.device)
+        if drop is not None:
+            opts["force_drop_ids"] = drop
+        return opts
+
+    def teacher_t(self, t: torch.Tensor, generator) -> torch.Tensor:
+        """Per sample t_teacher = clamp(t - t_max U, 0, 1) <= t: never more noise than the student."""
+        u = torch.rand(t.shape, generator=generator, device=generator.device if generator is not None else t.device)
+        return (t - self.t_max * u.to(t.device, t.dtype)).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def target(self, out, batch) -> torch.Tensor:
+        if self.teacher is None:
+            raise ConfigError("SRA has no teacher: run it in the trainer (its EMA) or pass teacher=")
+        t_s = self.teacher_t(out["t"], batch.get("generator"))
+        x_t = interpolate(batch["x"], out["noise"], t_s)
+        drop = (out.get("options") or {}).get("force_drop_ids")
+        was = self.teacher.training
+        self.teacher.eval()
+        try:
+            _, hidden = self.teacher(x_t, t_s, batch["y"], stop_at=self.teacher_depth,
+                                     return_hidden=(self.teacher_depth,), force_drop_ids=drop)
+        finally:
+            self.teacher.train(was)
+        return hidden[self.teacher_depth]
+
+    def extra_losses(self, out, model, batch, step):
+        hidden = out.get("hidden") or {}
+        if self.student_depth not in hidden:
+            raise ConfigError(f"SRA: the objective returned no hidden state at depth {self.student_depth}")
+        z = self.target(out, batch)  # (B, N, D), no grad
+        keep_idx = (out.get("options") or {}).get("keep_idx")
+        if keep_idx is not None:  # MaskDiT: the student holds the kept tokens only
+            z = ops.route_gather(z, keep_idx, check_idx=False)
+        z_hat = self.head(hidden[self.student_depth])
+        if self.loss_kind == "cosine":
+            loss = ops.cosine_alignment_loss(z_hat, z)
+        else:
+            loss = ops.smooth_l1_alignment_loss(z_hat, z, 0.05)
+        return {"sra": self.weight * loss}

@@ -1,0 +1,117 @@
+"""SRA: the EMA teacher at less noise (per sample), same labels after dropout, its forward stopped
+at its block, the head and the fused cosine, gradients only into the student, the CLI."""
+import argparse
+import copy
+
+import pytest
+import torch
+
+from effkernels.models import train as train_mod
+from effkernels.models.backbone import build
+from effkernels.models.methods import Composite, ConfigError
+from effkernels.models.methods.sra import SRA, default_pair
+
+SMALL = dict(depth=6, hidden_size=32, num_heads=2)
+
+
+def _args(**kw):
+    base = dict(sra_student_depth=None, sra_teacher_depth=None, sra_t_max=0.2, sra_loss="cosine", sra_weight=None)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def _batch(seed, b=4):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.rand(b, 1, 8, 8, generator=g) * 2 - 1, "y": torch.randint(0, 10, (b,), generator=g),
+            "t": torch.rand(b, generator=g), "noise": torch.randn(b, 1, 8, 8, generator=g),
+            "generator": torch.Generator().manual_seed(seed)}
+
+
+def _setup(seed, **kw):
+    model = build("tiny/2", **SMALL).train()
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    for p in teacher.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    return model, teacher, SRA(model, _args(**kw), teacher=teacher)
+
+
+def test_default_pairs_and_bad_options():
+    assert default_pair(12) == (4, 8) and default_pair(28) == (8, 20) and default_pair(28, True) == (8, 16)
+    assert default_pair(6) == (2, 4)
+    model = build("tiny/2", **SMALL)
+    for kw, match in ((dict(sra_teacher_depth=7), "--sra-teacher-depth"), (dict(sra_t_max=1.5), "--sra-t-max"),
+                      (dict(sra_weight=-1.0), "--sra-weight")):
+        with pytest.raises(ConfigError, match=match):
+            SRA(model, _args(**kw))
+    assert SRA(model, _args(sra_loss="smooth_l1")).weight == 0.2
+
+
+def test_teacher_sees_less_noise_same_labels_and_stops_at_its_block(seed):
+    model, teacher, m = _setup(seed)
+    model.y_embedder.dropout_prob = 0.5  # so that the labels' dropout matters
+    seen, blocks_run = {}, []
+    orig = teacher.forward
+
+    def spy(x, t, y, **kw):
+        seen.update(t=t.clone(), kw=kw)
+        return orig(x, t, y, **kw)
+
+    teacher.forward = spy
+    hooks = [b.register_forward_hook(lambda mod, a, o, i=i: blocks_run.append(i)) for i, b in enumerate(teacher.blocks, 1)]
+    batch = _batch(seed)
+    res = Composite([("sra", m)]).loss(model, batch, 0)
+    for h in hooks:
+        h.remove()
+    assert blocks_run == [1, 2, 3, 4]  # stopped at t_b = 4 of 6
+    t_s, t = seen["t"], batch["t"]
+    assert bool((t_s <= t).all()) and bool((t_s >= (t - 0.2).clamp(0, 1) - 1e-7).all()) and not torch.equal(t_s, t)
+    drop = res["options"]["force_drop_ids"]
+    assert torch.equal(seen["kw"]["force_drop_ids"], drop)  # the teacher gets the student's post-dropout labels
+    assert "sra" in res and torch.isfinite(res["loss"])
+
+
+def test_loss_is_the_fused_cosine_of_head_and_teacher_target(seed):
+    model, teacher, m = _setup(seed, sra_weight=0.5)
+    model.y_embedder.dropout_prob = 0.0
+    batch = _batch(seed)
+    res = Composite([("sra", m)]).loss(model, batch, 0)
+    # by hand: t and noise are given, so the step generator's first draw is the teacher's U(0, 1)
+    u = torch.rand(4, generator=torch.Generator().manual_seed(seed))
+    t_s = (batch["t"] - 0.2 * u).clamp(0, 1)
+    x_t = (1 - t_s.view(-1, 1, 1, 1)) * batch["x"] + t_s.view(-1, 1, 1, 1) * batch["noise"]
+    with torch.no_grad():
+        _, hid = teacher.eval()(x_t, t_s, batch["y"], stop_at=4, return_hidden=(4,))
+    z_hat = m.head(res["hidden"][2])
+    cos = torch.nn.functional.cosine_similarity(z_hat.double(), hid[4].double(), dim=-1)  # per token, over features
+    torch.testing.assert_close(res["sra"].double(), -0.5 * cos.mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_gradients_reach_the_head_and_student_blocks_up_to_s_never_the_teacher(seed):
+    model, teacher, m = _setup(seed)
+    res = Composite([("sra", m)]).loss(model, _batch(seed), 0)
+    res["sra"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert m.head[0].weight.grad is not None
+    assert model.blocks[1].adaLN_modulation[-1].weight.grad.abs().sum() > 0  # block 2 = s
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for b in model.blocks[2:] for p in b.parameters())
+
+
+def test_trains_through_the_cli_with_the_ema_as_teacher(tmp_path):
+    argv = ["--out", str(tmp_path), "--method", "sra", "--model-kwargs", '{"depth": 6, "hidden_size": 32, "num_heads": 2}',
+            "--batch-size", "16", "--eval-every", "0", "--quiet", "--log-every", "5", "--lr", "3e-3", "--steps", "30"]
+    args = train_mod.parse_args(argv)
+    tr = train_mod.Trainer(args)
+    sra = tr.method.parts[0][1]
+    assert sra.teacher is tr.ema.model
+    assert train_mod.main(argv) == 0
+    rows = train_mod.MetricsLog.read(str(tmp_path / "metrics.jsonl"))
+    assert rows[-1]["loss"] < rows[0]["loss"] and "sra" in rows[0]
+
+
+def test_composes_with_tread_and_maskdit(tmp_path, seed):
+    common = ["--model-kwargs", '{"depth": 6, "hidden_size": 32, "num_heads": 2}', "--batch-size", "8",
+              "--eval-every", "0", "--quiet", "--steps", "2"]
+    assert train_mod.main(["--out", str(tmp_path / "a"), "--method", "tread+sra", *common]) == 0
+    assert train_mod.main(["--out", str(tmp_path / "b"), "--method", "maskdit+sra", *common]) == 0
