@@ -133,6 +133,13 @@ class FinalLayer(nn.Module):
 #                                 Core DiT model                                #
 #################################################################################
 
+def _basic_init(module):
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.constant_(module.bias, 0)
+
+
 @dataclass(frozen=True)
 class Route:
     """TREAD route: blocks start..end (1-based, inclusive) see only K = N - round(N * ratio) tokens.
@@ -214,11 +221,6 @@ class DiT(nn.Module):
         return self.x_embedder.num_patches
 
     def initialize_weights(self):
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
         self.apply(_basic_init)
 
         # Patch embedding initialised like a linear layer over the flattened patch.
@@ -229,15 +231,27 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        self._zero_init(range(1, self.depth + 1), final_layer=True)
 
-        # adaLN-Zero: every block starts as the identity, the output as zero.
-        for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
+    def _zero_init(self, depths, final_layer: bool) -> None:
+        """adaLN-Zero: every block starts as the identity, the output as zero."""
+        for d in depths:
+            nn.init.constant_(self.blocks[d - 1].adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(self.blocks[d - 1].adaLN_modulation[-1].bias, 0)
+        if final_layer:
+            for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+                nn.init.constant_(lin.weight, 0)
+                nn.init.constant_(lin.bias, 0)
+
+    def reset_blocks(self, depths, *, final_layer: bool = False) -> None:
+        """Fresh weights for blocks `depths` (1-based) and optionally the final layer, as at
+        construction (xavier linears, adaLN-Zero). ERW's transition restarts the blocks above its
+        warmed region this way."""
+        for d in depths:
+            self.blocks[d - 1].apply(_basic_init)
+        if final_layer:
+            self.final_layer.apply(_basic_init)
+        self._zero_init(depths, final_layer)
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, p*p*C), in the token order and patch layout of unpatchify."""

@@ -119,8 +119,9 @@ def plot_curves(jsonl: str, path: str) -> str | None:
         k = max(1, len(v) // 20)
         sm = [sum(v[max(0, i - k):i + 1]) / len(v[max(0, i - k):i + 1]) for i in range(len(v))]
         axes[0].plot(s, sm, label=f"moving mean ({k + 1})")
-        axes[0].set_yscale("log")
-    axes[0].set_xlabel("step"), axes[0].set_ylabel("flow-matching loss"), axes[0].legend()
+        if min(v) > 0:  # a method's total loss may be negative (alignment terms are -cos)
+            axes[0].set_yscale("log")
+    axes[0].set_xlabel("step"), axes[0].set_ylabel("training loss"), axes[0].legend()
     if fd:
         s, v = zip(*fd)
         axes[1].plot(s, v, "o-", label="FD (EMA samples)")

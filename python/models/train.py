@@ -247,6 +247,7 @@ class Trainer:
         return base * min(1.0, (self.step + 1) / w) if w else base
 
     def train_step(self, batch: dict) -> dict:
+        self.method.before_step(self, self.step)
         self.train_module.train()
         amp = self.device.type == "cuda"  # bf16 autocast on GPU only: CPU bf16 matmuls are slower here
         aux_params = [p for a in self.aux.values() for p in a.module.parameters() if p.requires_grad]

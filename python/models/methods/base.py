@@ -35,6 +35,9 @@ Hooks
                                     EMA "backbone" and the EMA generator modules. Default: the ODE
                                     sampler of effkernels.models.sample on the backbone.
   attach(trainer)                   called once, after the trainer is built (EMA, data set, device)
+  before_step(trainer, step)        called by the trainer at the start of every training step, on
+                                    every rank (ERW's phase transition: re-initialise, reset the
+                                    optimizer and the EMA, checkpoint)
   state_dict() / load_state_dict()  state that is not in a module (schedules, counters)
   batch_keys                        extra per-sample arrays the data set must carry; make_batch passes
                                     them in `batch` under these names
@@ -130,6 +133,9 @@ class Method:
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def attach(self, trainer) -> None:
+        pass
+
+    def before_step(self, trainer, step: int) -> None:
         pass
 
     def state_dict(self) -> dict:
@@ -262,6 +268,10 @@ class Composite(Method):
     def attach(self, trainer):
         for _, p in self.parts:
             p.attach(trainer)
+
+    def before_step(self, trainer, step):
+        for _, p in self.parts:
+            p.before_step(trainer, step)
 
     def state_dict(self):
         return {n: s for n, p in self.parts if (s := p.state_dict())}

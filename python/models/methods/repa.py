@@ -208,11 +208,14 @@ class REPA(Method):
         if self.depth not in hidden:
             raise ConfigError(f"REPA: the objective returned no hidden state at depth {self.depth}; "
                               "an objective that owns the loss must pass return_hidden through to the backbone")
-        h = hidden[self.depth]
+        return {"repa": self.weight * self.align(hidden[self.depth], batch, out)}
+
+    def align(self, h: torch.Tensor, batch: dict, out: dict) -> torch.Tensor:
+        """Mean over encoders of the fused negative cosine between projector(h) and the targets."""
         keep_idx = (out.get("options") or {}).get("keep_idx")
         losses = []
         for head, z in zip(self.projectors, self.targets(batch)):
             if keep_idx is not None:  # MaskDiT: h holds the kept tokens only; take the targets at them
                 z = ops.route_gather(z, keep_idx, check_idx=False)  # the backbone checked keep_idx
             losses.append(head(h, z))
-        return {"repa": self.weight * torch.stack(losses).mean()}
+        return torch.stack(losses).mean()
