@@ -305,16 +305,16 @@ class Trainer:
         y = torch.arange(n) % ncls
         g = torch.Generator().manual_seed(self.args.seed + 12345)  # same noise at every eval: comparable curves
         noise = torch.randn((n, self.ds.channels, self.ds.size, self.ds.size), generator=g)
-        imgs = []
-        for s in range(0, n, 500):
-            imgs.append(self.method.sample(self.ema.models, y[s:s + 500].to(self.device),
-                                           noise[s:s + 500].to(self.device), sampler="heun",
-                                           steps=self.args.eval_steps, clamp=self.ds.value_range).cpu())
-        imgs = torch.cat(imgs)
-        res = self.evaluator(imgs, y)
-        if grid_path and self.ds.value_range is not None and self.ds.channels in (1, 3):
-            order = torch.argsort(y[:100], stable=True)  # one row per class
-            save_grid(imgs[:100][order], grid_path, nrow=10, value_range=self.ds.value_range)
+        res = {}
+        for suffix, over in self.method.eval_samplers().items():
+            opts = {"sampler": "heun", "steps": self.args.eval_steps, "clamp": self.ds.value_range, **over}
+            imgs = torch.cat([self.method.sample(self.ema.models, y[s:s + 500].to(self.device),
+                                                 noise[s:s + 500].to(self.device), **opts).cpu()
+                              for s in range(0, n, 500)])
+            res.update({k + suffix: v for k, v in self.evaluator(imgs, y).items()})
+            if suffix == "" and grid_path and self.ds.value_range is not None and self.ds.channels in (1, 3):
+                order = torch.argsort(y[:100], stable=True)  # one row per class
+                save_grid(imgs[:100][order], grid_path, nrow=10, value_range=self.ds.value_range)
         return res
 
     # --- the loop ------------------------------------------------------------------------------------

@@ -34,6 +34,9 @@ Hooks
                                     generation for evaluation and effkernels-sample; models holds the
                                     EMA "backbone" and the EMA generator modules. Default: the ODE
                                     sampler of effkernels.models.sample on the backbone.
+  eval_samplers() -> {suffix: opts}  the samplers the trainer's evaluation reports, each as keyword
+                                    overrides for sample(); metrics get the suffix (CT: "" = one
+                                    step, "_2step" = two). Default {"": {}}.
   attach(trainer)                   called once, after the trainer is built (EMA, data set, device)
   before_step(trainer, step)        called by the trainer at the start of every training step, on
                                     every rank (ERW's phase transition: re-initialise, reset the
@@ -130,6 +133,9 @@ class Method:
         from ..sample import sample
 
         return sample(models["backbone"], y, noise=noise, **opts)
+
+    def eval_samplers(self) -> dict:
+        return {"": {}}
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def attach(self, trainer) -> None:
@@ -264,6 +270,9 @@ class Composite(Method):
 
     def sample(self, models, y, noise, **opts):
         return self.sampler.sample(models, y, noise, **opts)
+
+    def eval_samplers(self):
+        return self.sampler.eval_samplers()
 
     def attach(self, trainer):
         for _, p in self.parts:

@@ -1,0 +1,166 @@
+"""CT: consistency training on the DiT backbone (shared/METHODS.md, "ACT", its consistency part).
+
+EDM noise x_sigma = x + sigma z, sigma in [sigma_min, sigma_max] = [0.002, 80], sigma_data 0.5, the
+consistency parameterisation with sigma_min (so f(x, sigma_min) = x exactly):
+    f(x, s) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s), y)
+    c_skip = sd^2 / ((s - s_min)^2 + sd^2),  c_out = (s - s_min) sd / sqrt(sd^2 + s^2),  c_in = 1 / sqrt(s^2 + sd^2)
+The Karras grid of N(k) points (rho 7), with N(k) = round(sqrt(k / K (s1^2 - s0^2) + s0^2)) growing
+from s0 = 2 to s1 over the K training steps, and the target network's decay mu(k) =
+exp(s0 ln mu0 / (N(k) - 1)), mu0 = 0.9. Per sample an index i: the online net at t_{i+1}, the target
+net (no grad) at t_i, the same z; the distance pseudo-Huber (iCT: sqrt(||a - b||^2 + c^2) - c,
+c = 0.00054 sqrt(dim)) or L2. The target net is the method's own EMA (updated before each step from
+the weights the last step produced); the trainer's evaluation EMA is separate and is what samples.
+
+Noise conditioning: c_noise = 250 ln(sigma) by default (CM's 1000 * 0.25 ln sigma): over [0.002, 80]
+it spans about 2650, the range DiT's sinusoidal time embedder (max period 10^4) was built for with
+t in [0, 1000); `--ct-noise-cond raw` (ACT's raw sigma) and `ecd` (ECT's ln(sigma) / 4) are options.
+
+Sampling: one step f(sigma_max z, sigma_max); two steps re-noise that to tau = 0.821 and apply f
+again. The trainer's evaluation reports both (fd / fd_2step).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from ..objectives import mean_prediction
+from . import register_method
+from .base import ConfigError, Method
+
+NOISE_COND = {"cm": lambda s: 250.0 * torch.log(s), "raw": lambda s: s, "ect": lambda s: torch.log(s) / 4}
+
+
+@register_method("ct")
+class CT(Method):
+    """Consistency training: online net at t_{i+1} against its target EMA at t_i, same noise."""
+
+    owns_objective = True
+
+    @staticmethod
+    def add_args(group) -> None:
+        group.add_argument("--ct-sigma-min", type=float, default=0.002)
+        group.add_argument("--ct-sigma-max", type=float, default=80.0)
+        group.add_argument("--ct-sigma-data", type=float, default=0.5)
+        group.add_argument("--ct-rho", type=float, default=7.0)
+        group.add_argument("--ct-s0", type=int, default=2, help="grid points at the start (N grows s0 -> s1)")
+        group.add_argument("--ct-s1", type=int, default=150, help="grid points at the end (CIFAR's 150)")
+        group.add_argument("--ct-mu0", type=float, default=0.9, help="target EMA decay at N = s0")
+        group.add_argument("--ct-distance", choices=("pseudo_huber", "l2"), default="pseudo_huber",
+                           help="pseudo-Huber (iCT) or squared L2; an ImageNet-feature distance (LPIPS) could "
+                                "flatter an ImageNet-feature FID")
+        group.add_argument("--ct-noise-cond", choices=tuple(NOISE_COND), default="cm",
+                           help="what the time embedder sees: cm = 250 ln(sigma), raw = sigma, ect = ln(sigma)/4")
+        group.add_argument("--ct-tau", type=float, default=0.821, help="the two-step sampler's intermediate sigma")
+
+    def __init__(self, model=None, args=None):
+        super().__init__(model, args)
+        if model is None:
+            raise ConfigError("ct needs the backbone (its target copy is made from it)")
+        g = lambda k, d: getattr(args, k, d)  # noqa: E731
+        self.s_min, self.s_max = float(g("ct_sigma_min", 0.002)), float(g("ct_sigma_max", 80.0))
+        self.sd, self.rho = float(g("ct_sigma_data", 0.5)), float(g("ct_rho", 7.0))
+        self.s0, self.s1, self.mu0 = int(g("ct_s0", 2)), int(g("ct_s1", 150)), float(g("ct_mu0", 0.9))
+        self.distance = g("ct_distance", "pseudo_huber")
+        self.cond = NOISE_COND[g("ct_noise_cond", "cm")]
+        self.tau = float(g("ct_tau", 0.821))
+        self.total_steps = int(g("steps", 1000))
+        if not 0 < self.s_min < self.tau < self.s_max:
+            raise ConfigError(f"need 0 < --ct-sigma-min < --ct-tau < --ct-sigma-max, got {self.s_min}, {self.tau}, "
+                              f"{self.s_max}")
+        if not 2 <= self.s0 <= self.s1:
+            raise ConfigError(f"need 2 <= --ct-s0 <= --ct-s1, got {self.s0}, {self.s1}")
+        if not 0 < self.mu0 < 1:
+            raise ConfigError(f"--ct-mu0 must lie in (0, 1), got {self.mu0}")
+        self.backbone = model
+        self.target = copy.deepcopy(model).requires_grad_(False)
+
+    # --- schedules --------------------------------------------------------------------------------
+    def num_scales(self, k: int) -> int:
+        """N(k) = round(sqrt(k / K (s1^2 - s0^2) + s0^2))."""
+        frac = min(max(k, 0), self.total_steps) / max(self.total_steps, 1)
+        return int(round(math.sqrt(frac * (self.s1 ** 2 - self.s0 ** 2) + self.s0 ** 2)))
+
+    def target_decay(self, k: int) -> float:
+        """mu(k) = exp(s0 ln mu0 / (N(k) - 1))."""
+        return math.exp(self.s0 * math.log(self.mu0) / (self.num_scales(k) - 1))
+
+    def sigmas(self, n: int, device=None) -> torch.Tensor:
+        """The Karras grid, ascending: t_1 = sigma_min ... t_n = sigma_max."""
+        i = torch.arange(n, dtype=torch.float64, device=device) / (n - 1)
+        a, b = self.s_min ** (1 / self.rho), self.s_max ** (1 / self.rho)
+        return (a + i * (b - a)) ** self.rho
+
+    # --- the consistency function ------------------------------------------------------------------
+    def f(self, net, x: torch.Tensor, sigma: torch.Tensor, y) -> torch.Tensor:
+        """c_skip x + c_out F(c_in x, c_noise, y), sigma (B,): f(x, sigma_min) = x exactly."""
+        s = sigma.to(torch.float64)
+        c_skip = self.sd ** 2 / ((s - self.s_min) ** 2 + self.sd ** 2)
+        c_out = (s - self.s_min) * self.sd / (self.sd ** 2 + s ** 2).sqrt()
+        c_in = 1 / (s ** 2 + self.sd ** 2).sqrt()
+        view = (-1,) + (1,) * (x.dim() - 1)
+        out = net(x * c_in.view(view).to(x.dtype), self.cond(s).to(torch.float32), y)
+        out = mean_prediction(out[0] if isinstance(out, tuple) else out, x)
+        return c_skip.view(view).to(x.dtype) * x + c_out.view(view).to(x.dtype) * out
+
+    def dist(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per sample: pseudo-Huber sqrt(||a - b||^2 + c^2) - c, c = 0.00054 sqrt(dim), or ||a - b||^2."""
+        sq = (a.float() - b.float()).pow(2).flatten(1).sum(1)
+        if self.distance == "l2":
+            return sq
+        c = 0.00054 * math.sqrt(a[0].numel())
+        return (sq + c * c).sqrt() - c
+
+    def objective(self, model, batch, step, options):
+        if options:
+            raise ConfigError(f"ct takes no forward options from other methods, got {sorted(options)}")
+        x, y, g = batch["x"], batch["y"], batch.get("generator")
+        dev = g.device if g is not None else x.device
+        n = self.num_scales(step)
+        grid = self.sigmas(n, device=x.device)
+        i = torch.randint(0, n - 1, (x.shape[0],), generator=g, device=dev).to(x.device)
+        z = batch.get("noise")
+        z = torch.randn(x.shape, generator=g, device=dev).to(x) if z is None else z
+        t_hi, t_lo = grid[i + 1], grid[i]
+        online = self.f(model, x + t_hi.view(-1, 1, 1, 1).to(x.dtype) * z, t_hi, y)
+        with torch.no_grad():
+            self.target.train(self.backbone.training)  # the same label dropout regime, no grad
+            target = self.f(self.target, x + t_lo.view(-1, 1, 1, 1).to(x.dtype) * z, t_lo, y)
+        d = self.dist(online, target)
+        return {"loss": d.mean(), "loss_per_sample": d.detach(), "ct_scales": torch.tensor(float(n)),
+                "pred": online, "noise": z, "options": {}}
+
+    def before_step(self, trainer, step):
+        """target <- mu(k) target + (1 - mu(k)) online, with the weights step k - 1 produced."""
+        if step == 0:
+            return
+        mu = self.target_decay(step - 1)
+        with torch.no_grad():
+            tp, op = list(self.target.parameters()), [p.detach() for p in self.backbone.parameters()]
+            torch._foreach_lerp_(tp, op, 1 - mu)
+
+    # --- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, models, y, noise, *, steps: int = 1, generator=None, clamp=None, **_):
+        """One step f(sigma_max z, sigma_max); with steps=2 re-noised to tau and f applied again."""
+        if steps not in (1, 2):
+            raise ConfigError(f"ct samples in 1 or 2 steps, got steps={steps}")
+        net = models["backbone"]
+        b = noise.shape[0]
+        x = self.f(net, noise * self.s_max, torch.full((b,), self.s_max, device=noise.device), y)
+        if steps == 2:
+            z = torch.randn(noise.shape, generator=generator,
+                            device=generator.device if generator is not None else noise.device).to(noise)
+            x = x + math.sqrt(self.tau ** 2 - self.s_min ** 2) * z
+            x = self.f(net, x, torch.full((b,), self.tau, device=noise.device), y)
+        return x.clamp(*clamp) if clamp is not None else x
+
+    def eval_samplers(self) -> dict:
+        return {"": {"steps": 1}, "_2step": {"steps": 2}}
+
+    def state_dict(self):
+        return {"target": self.target.state_dict()}
+
+    def load_state_dict(self, state):
+        self.target.load_state_dict(state["target"])

@@ -1,0 +1,124 @@
+"""CT: f(x, sigma_min) = x exactly, the N(k) and mu(k) schedules, the Karras grid, the pair (online
+at t_{i+1}, target at t_i, same z), no gradient into the target, the target EMA, one- and two-step
+sampling, and training through the CLI with both evaluations."""
+import argparse
+import math
+
+import pytest
+import torch
+
+from effkernels.models import train as train_mod
+from effkernels.models.backbone import build
+from effkernels.models.methods import ConfigError
+from effkernels.models.methods.ct import CT
+
+SMALL = dict(depth=2, hidden_size=32, num_heads=2, class_dropout_prob=0.0)
+
+
+def _args(**kw):
+    base = dict(steps=100, ct_s0=2, ct_s1=150, ct_mu0=0.9)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def _model():
+    m = build("tiny/2", **SMALL)
+    for p in m.parameters():
+        p.data.normal_(0, 0.05)
+    return m
+
+
+def test_boundary_condition_is_exact(seed):
+    model = _model()
+    ct = CT(model, _args())
+    x = torch.randn(3, 1, 8, 8)
+    out = ct.f(model, x, torch.full((3,), ct.s_min), torch.tensor([1, 2, 3]))
+    assert torch.equal(out, x)
+    assert not torch.allclose(ct.f(model, x, torch.full((3,), 1.0), torch.tensor([1, 2, 3])), x)
+
+
+def test_schedules_follow_the_formulas():
+    ct = CT(_model(), _args(steps=100, ct_s0=2, ct_s1=150, ct_mu0=0.9))
+    assert ct.num_scales(0) == 2 and ct.num_scales(100) == 150 and ct.num_scales(1000) == 150
+    assert ct.num_scales(50) == round(math.sqrt(0.5 * (150 ** 2 - 4) + 4))
+    assert ct.target_decay(0) == pytest.approx(math.exp(2 * math.log(0.9) / 1))  # = 0.81
+    assert ct.target_decay(100) == pytest.approx(math.exp(2 * math.log(0.9) / 149))
+    g = ct.sigmas(18)
+    assert g[0].item() == pytest.approx(0.002) and g[-1].item() == pytest.approx(80.0)
+    assert bool((g[1:] > g[:-1]).all())
+    mid = (0.002 ** (1 / 7) + (80 ** (1 / 7) - 0.002 ** (1 / 7)) * 9 / 17) ** 7
+    assert g[9].item() == pytest.approx(mid)
+    for kw, match in ((dict(ct_s0=1), "--ct-s0"), (dict(ct_mu0=1.0), "--ct-mu0")):
+        with pytest.raises(ConfigError, match=match):
+            CT(_model(), _args(**kw))
+
+
+def test_pair_uses_adjacent_sigmas_same_noise_and_no_target_gradient(seed):
+    model = _model().train()
+    ct = CT(model, _args(steps=10))
+    calls = []
+    for name, net in (("online", model), ("target", ct.target)):
+        orig = net.forward
+
+        def spy(x, t, y, _o=orig, _n=name, **kw):
+            calls.append((_n, x.clone(), t.clone()))
+            return _o(x, t, y, **kw)
+        net.forward = spy
+    g = torch.Generator().manual_seed(seed)
+    x, y, z = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (4,), generator=g), torch.randn(4, 1, 8, 8)
+    out = ct.objective(model, {"x": x, "y": y, "noise": z, "generator": torch.Generator().manual_seed(seed)}, 5, {})
+    (n1, x_on, c_on), (n2, x_tg, c_tg) = calls
+    assert (n1, n2) == ("online", "target")
+    grid = ct.sigmas(ct.num_scales(5))
+    s_on, s_tg = torch.exp(c_on.double() / 250), torch.exp(c_tg.double() / 250)  # c_noise = 250 ln sigma
+    idx_on = torch.tensor([int(torch.argmin((grid - s).abs())) for s in s_on])
+    idx_tg = torch.tensor([int(torch.argmin((grid - s).abs())) for s in s_tg])
+    assert torch.equal(idx_on, idx_tg + 1)  # t_{i+1} online, t_i target
+    # the same z: x_sigma = x + sigma z, divided by c_in = 1 / sqrt(sigma^2 + sd^2)
+    for xs, s in ((x_on, s_on), (x_tg, s_tg)):
+        c_in = (1 / (s ** 2 + 0.25).sqrt()).view(-1, 1, 1, 1)
+        torch.testing.assert_close(xs.double(), ((x + s.view(-1, 1, 1, 1) * z) * c_in).double(), rtol=1e-5, atol=1e-5)
+    out["loss"].backward()
+    assert all(p.grad is None for p in ct.target.parameters())
+    assert model.final_layer.linear.weight.grad is not None
+
+
+def test_target_is_an_ema_of_the_online_net(seed):
+    model = _model()
+    ct = CT(model, _args(steps=10))
+    before = [p.detach().clone() for p in ct.target.parameters()]
+    for p in model.parameters():
+        p.data.add_(1.0)
+    ct.before_step(None, 0)  # nothing to average before the first step
+    assert all(torch.equal(a, b) for a, b in zip(before, ct.target.parameters()))
+    ct.before_step(None, 4)
+    mu = ct.target_decay(3)
+    for b, t, o in zip(before, ct.target.parameters(), model.parameters()):
+        torch.testing.assert_close(t, mu * b + (1 - mu) * o.detach())
+
+
+def test_one_and_two_step_sampling(seed):
+    model = _model().eval()
+    ct = CT(model, _args())
+    noise = torch.randn(4, 1, 8, 8)
+    one = ct.sample({"backbone": model}, torch.arange(4), noise, steps=1)
+    want = ct.f(model, noise * 80.0, torch.full((4,), 80.0), torch.arange(4))
+    torch.testing.assert_close(one, want, rtol=0, atol=0)
+    two = ct.sample({"backbone": model}, torch.arange(4), noise, steps=2, generator=torch.Generator().manual_seed(1),
+                    clamp=(-1.0, 1.0))
+    assert two.shape == noise.shape and two.abs().max() <= 1.0
+    with pytest.raises(ConfigError, match="1 or 2 steps"):
+        ct.sample({"backbone": model}, torch.arange(4), noise, steps=10)
+
+
+def test_trains_through_the_cli_and_reports_both_samplers(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EFFKERNELS_CACHE", str(tmp_path / "cache"))
+    argv = ["--out", str(tmp_path / "r"), "--method", "ct", "--model-kwargs", '{"depth": 2, "hidden_size": 32, "num_heads": 2}',
+            "--batch-size", "16", "--quiet", "--log-every", "10", "--steps", "40", "--eval-every", "40",
+            "--eval-samples", "50", "--ct-s1", "10"]
+    assert train_mod.main(argv) == 0
+    rows = train_mod.MetricsLog.read(str(tmp_path / "r" / "metrics.jsonl"))
+    evals = [r for r in rows if "fd" in r]
+    assert evals and all("fd_2step" in r and "acc_2step" in r for r in evals)
+    train_rows = [r for r in rows if "loss" in r]
+    assert train_rows[-1]["ct_scales"] == 10 and train_rows[0]["ct_scales"] < 10
