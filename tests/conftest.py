@@ -1,9 +1,25 @@
-"""Test setup: Triton's interpreter on CPU tensors, printed seeds, and no silent skips under CI."""
+"""Test setup: Triton's interpreter on CPU tensors, fixed printed seeds, and no silent skips under CI.
+
+Seeds. Every test runs with its own seed, seeded into torch, numpy and Python's `random` before the
+test starts (autouse), whether or not the test asks for the `seed` fixture:
+
+    per-test seed = crc32("<base>:<nodeid>") mod 2**31
+
+`base` is EFFKERNELS_SEED (default 0), so a plain `pytest` is deterministic. With EFFKERNELS_FUZZ=1
+and no EFFKERNELS_SEED, the run draws a fresh base (printed in the header); every test's seed
+follows from it, so `EFFKERNELS_SEED=<base> pytest '<nodeid>'` replays any one test of a fuzz run
+exactly: each test prints that line, which pytest shows with a failure's captured stdout.
+crc32, not hash(): Python salts str hashes per process.
+"""
 import os
+import random
+import secrets
+import zlib
 
 # Must happen before anything imports triton: the interpreter is chosen at import time.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -15,13 +31,55 @@ torch.set_num_threads(1)
 _ALLOWED_SKIP_WORDS = ("gpu", "cuda device", "flash_attn", "flash-attn")
 
 
-@pytest.fixture
-def seed(request):
-    """A fresh seed per test, printed so that a failure can be replayed (EFFKERNELS_SEED=... pins it)."""
-    s = int(os.environ.get("EFFKERNELS_SEED", torch.seed() % (2**31)))
+def _base_seed() -> tuple[int, str]:
+    """(base seed, mode): EFFKERNELS_SEED if set, else a fresh one under EFFKERNELS_FUZZ=1, else 0."""
+    env = os.environ.get("EFFKERNELS_SEED")
+    if env is not None:
+        return int(env), "fixed (EFFKERNELS_SEED)"
+    if os.environ.get("EFFKERNELS_FUZZ", "0") not in ("", "0"):
+        return secrets.randbelow(2**31), "fuzz (fresh, EFFKERNELS_FUZZ=1)"
+    return 0, "fixed (default)"
+
+
+# Drawn once at import, and exported so that subprocesses and pytest-xdist workers share it.
+BASE_SEED, SEED_MODE = _base_seed()
+os.environ["EFFKERNELS_SEED"] = str(BASE_SEED)
+
+
+def seed_for(nodeid: str, base: int = BASE_SEED) -> int:
+    """The seed of the test `nodeid` under base seed `base`: stable across processes and machines."""
+    return zlib.crc32(f"{base}:{nodeid}".encode()) % (2**31)
+
+
+def _seed_line() -> str:
+    return (f"effkernels seeds: {SEED_MODE}, base EFFKERNELS_SEED={BASE_SEED}; per test crc32(base:nodeid); "
+            f"replay one test with EFFKERNELS_SEED={BASE_SEED} pytest '<nodeid>'")
+
+
+def pytest_report_header(config):
+    return _seed_line()
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(_seed_line())  # also under -q, which hides the header
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything(request):
+    """Seed torch, numpy and random with this test's seed before every test, and print it."""
+    s = seed_for(request.node.nodeid)
     torch.manual_seed(s)
-    print(f"[seed] {request.node.nodeid}: EFFKERNELS_SEED={s}")
+    np.random.seed(s)
+    random.seed(s)
+    print(f"[seed] {request.node.nodeid}: seed={s}; replay: EFFKERNELS_SEED={BASE_SEED} "
+          f"pytest '{request.node.nodeid}'")
     return s
+
+
+@pytest.fixture
+def seed(_seed_everything):
+    """This test's seed (already applied to torch, numpy and random), for explicit generators."""
+    return _seed_everything
 
 
 def pytest_runtest_logreport(report):

@@ -1,8 +1,13 @@
 """Backend selection: argument > context manager > EFFKERNELS_BACKEND > auto, clear errors, and
-the `python -m effkernels` table."""
+the `python -m effkernels` table.
+
+The expected backends are written out as tables (from the README's "Backends and how to pick
+one"), never recomputed with the library's own logic, so a change in the selection rules fails here.
+"""
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -11,32 +16,114 @@ import effkernels
 from effkernels import backends, ops
 
 CPU = torch.device("cpu")
+OPS = ("route_gather", "route_scatter", "modulate_layernorm", "gated_residual",
+       "gated_residual_modulate_layernorm", "per_token_cosine")
+
+# README: on CPU tensors auto picks cpp for the ops measured faster than the reference (all six),
+# else the reference; Triton only when asked for by name (the interpreter is a test tool).
+AUTO_CPU_WITH_EXTENSION = {
+    "route_gather": "cpp", "route_scatter": "cpp", "modulate_layernorm": "cpp", "gated_residual": "cpp",
+    "gated_residual_modulate_layernorm": "cpp", "per_token_cosine": "cpp",
+    "visible_attention": "reference",  # attention has no C++ path
+}
+AUTO_CPU_WITHOUT_EXTENSION = {op: "reference" for op in AUTO_CPU_WITH_EXTENSION}
 
 
-def test_auto_on_cpu_is_reference_or_measured_cpp(monkeypatch):
+@pytest.fixture
+def clean_env(monkeypatch):
     monkeypatch.delenv("EFFKERNELS_BACKEND", raising=False)
-    for op in ("route_gather", "modulate_layernorm", "per_token_cosine"):
-        want = "cpp" if op in backends.CPP_FASTER_ON_CPU and backends.available("cpp", CPU)[0] else "reference"
-        assert backends.resolve(op, CPU) == want
+    return monkeypatch
 
 
-def test_precedence(monkeypatch):
-    monkeypatch.setenv("EFFKERNELS_BACKEND", "reference")
-    assert backends.requested_backend(None) == "reference"
+@pytest.fixture
+def with_extension():
+    ok, why = backends.available("cpp", CPU)
+    if not ok:
+        pytest.skip(f"extension not built: {why}")  # CI fails this skip (conftest)
+
+
+@pytest.fixture
+def without_extension(clean_env):
+    """Simulate a build without effkernels._C, and check through the public API that it took."""
+    clean_env.setattr(backends, "extension_status", lambda: (False, "simulated: no extension"))
+    ok, why = backends.available("cpp", CPU)
+    assert not ok and "simulated" in why, "could not simulate a missing extension"
+    return clean_env
+
+
+@pytest.mark.parametrize("op", sorted(AUTO_CPU_WITH_EXTENSION))
+def test_auto_on_cpu_with_extension(clean_env, with_extension, op):
+    assert backends.resolve(op, CPU) == AUTO_CPU_WITH_EXTENSION[op]
+    assert backends.resolve(op, CPU, "auto") == AUTO_CPU_WITH_EXTENSION[op]
+
+
+@pytest.mark.parametrize("op", sorted(AUTO_CPU_WITHOUT_EXTENSION))
+def test_auto_on_cpu_without_extension_is_the_reference(without_extension, op):
+    assert backends.resolve(op, CPU) == AUTO_CPU_WITHOUT_EXTENSION[op]
+
+
+def test_ops_run_without_extension(without_extension):
+    x, idx = torch.randn(2, 5, 3), torch.tensor([[4, 0], [1, 3]])
+    want = torch.stack([x[0, [4, 0]], x[1, [1, 3]]])
+    assert torch.equal(ops.route_gather(x, idx), want)  # auto falls back, silently and correctly
+    with pytest.raises(RuntimeError, match="backend 'cpp' cannot run op route_gather"):
+        ops.route_gather(x, idx, backend="cpp")  # an explicit backend never does
+
+
+# (argument, use_backend, EFFKERNELS_BACKEND) -> the backend an op runs on, for CPU tensors with the
+# extension built and TRITON_INTERPRET=1; None means "not given".
+PRECEDENCE = [
+    ((None, None, None), "cpp"),                  # auto
+    ((None, None, "reference"), "reference"),     # env over auto
+    ((None, None, "triton"), "triton"),
+    ((None, "triton", "reference"), "triton"),    # context over env
+    ((None, "auto", "reference"), "cpp"),         # an explicit auto context still beats env
+    (("reference", "triton", "cpp"), "reference"),  # argument over everything
+    (("cpp", None, "reference"), "cpp"),
+    (("auto", "reference", "triton"), "cpp"),     # backend="auto" on the call is auto
+]
+
+
+@pytest.mark.parametrize("case,want", PRECEDENCE, ids=[str(c) for c, _ in PRECEDENCE])
+def test_precedence(clean_env, with_extension, case, want):
+    arg, ctx, env = case
+    if env is not None:
+        clean_env.setenv("EFFKERNELS_BACKEND", env)
+    if ctx is None:
+        assert backends.resolve("modulate_layernorm", CPU, arg) == want
+    else:
+        with effkernels.use_backend(ctx):
+            assert backends.resolve("modulate_layernorm", CPU, arg) == want
+
+
+def test_nested_contexts_restore(clean_env, with_extension):
+    clean_env.setenv("EFFKERNELS_BACKEND", "reference")
+    got = []
     with effkernels.use_backend("triton"):
-        assert backends.requested_backend(None) == "triton"
-        assert backends.requested_backend("reference") == "reference"
-        with effkernels.use_backend("auto"):
-            assert backends.requested_backend(None) == "auto"
-        assert backends.requested_backend(None) == "triton"
-    assert backends.requested_backend(None) == "reference"
+        got.append(backends.resolve("route_gather", CPU))
+        with effkernels.use_backend("cpp"):
+            got.append(backends.resolve("route_gather", CPU))
+        got.append(backends.resolve("route_gather", CPU))
+    got.append(backends.resolve("route_gather", CPU))
+    assert got == ["triton", "cpp", "triton", "reference"]
 
 
-def test_use_backend_restores_on_error():
+def test_use_backend_restores_on_error(clean_env, with_extension):
     with pytest.raises(KeyError):
         with effkernels.use_backend("reference"):
+            assert backends.resolve("route_gather", CPU) == "reference"
             raise KeyError
-    assert getattr(backends._local, "backend", None) is None
+    assert backends.resolve("route_gather", CPU) == "cpp"
+
+
+def test_use_backend_is_per_thread(clean_env, with_extension):
+    seen = []
+    with effkernels.use_backend("reference"):
+        t = threading.Thread(target=lambda: seen.append(backends.resolve("route_gather", CPU)))
+        t.start()
+        t.join()
+        assert backends.resolve("route_gather", CPU) == "reference"
+    assert seen == ["cpp"]
 
 
 @pytest.mark.parametrize("where", ["arg", "ctx", "env"])
@@ -55,7 +142,25 @@ def test_bad_backend_name_is_a_clear_error(monkeypatch, where):
             ops.route_gather(x, idx)
 
 
-def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
+@pytest.mark.parametrize("op", OPS)
+def test_explicit_backend_that_cannot_run_is_an_error(clean_env, op):
+    with pytest.raises(RuntimeError, match=f"backend 'cuda' cannot run op {op} on cpu tensors"):
+        backends.resolve(op, CPU, "cuda")  # CPU tensors
+    clean_env.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match=f"backend 'triton' cannot run op {op} on cpu tensors"):
+        backends.resolve(op, CPU, "triton")  # no GPU, no interpreter
+    clean_env.setattr(backends, "extension_status", lambda: (False, "simulated: no extension"))
+    with pytest.raises(RuntimeError, match=f"backend 'cpp' cannot run op {op} on cpu tensors.*simulated"):
+        backends.resolve(op, CPU, "cpp")
+    clean_env.setenv("EFFKERNELS_BACKEND", "cpp")  # the same through env and context
+    with pytest.raises(RuntimeError, match="backend 'cpp' cannot run"):
+        backends.resolve(op, CPU)
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run"):
+        with effkernels.use_backend("triton"):
+            backends.resolve(op, CPU)
+
+
+def test_unavailable_backend_through_the_ops(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x = torch.randn(1, 3, 2)
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run op modulate_layernorm"):
@@ -64,18 +169,24 @@ def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
         ops.route_gather(x, torch.tensor([[1]]), backend="cuda")
 
 
-def test_triton_on_cpu_under_interpreter():
+def test_triton_on_cpu_under_interpreter(monkeypatch):
     assert os.environ.get("TRITON_INTERPRET") == "1"  # set by conftest
     ok, why = backends.available("triton", CPU)
     assert ok, why
+    assert backends.available("reference", CPU)[0]
+    assert not backends.available("cuda", CPU)[0]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not backends.available("triton", CPU)[0]
 
 
-def test_main_prints_table():
+def test_main_prints_table(with_extension):
     env = dict(os.environ, EFFKERNELS_BACKEND="auto")
     out = subprocess.run([sys.executable, "-m", "effkernels"], capture_output=True, text=True, env=env,
                          check=True).stdout
     assert "torch " + torch.__version__ in out
-    for op in ("route_gather", "route_scatter", "modulate_layernorm", "gated_residual",
-               "gated_residual_modulate_layernorm", "per_token_cosine"):
-        assert op in out
     assert "auto picks" in out and "extension" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
+    for op in OPS:
+        # columns: op, reference, triton, cuda, cpp, auto picks, why
+        assert op in rows, out
+        assert rows[op][5] == AUTO_CPU_WITH_EXTENSION[op], rows[op]

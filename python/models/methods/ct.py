@@ -5,7 +5,7 @@ consistency parameterisation with sigma_min (so f(x, sigma_min) = x exactly):
     f(x, s) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s), y)
     c_skip = sd^2 / ((s - s_min)^2 + sd^2),  c_out = (s - s_min) sd / sqrt(sd^2 + s^2),  c_in = 1 / sqrt(s^2 + sd^2)
 The Karras grid of N(k) points (rho 7), with N(k) = round(sqrt(k / K (s1^2 - s0^2) + s0^2)) growing
-from s0 = 2 to s1 over the K training steps, and the target network's decay mu(k) =
+from s0 = 2 to s1 over the K = --steps of the run's start (kept in the checkpoint), and the target network's decay mu(k) =
 exp(s0 ln mu0 / (N(k) - 1)), mu0 = 0.9. Per sample an index i: the online net at t_{i+1}, the target
 net (no grad) at t_i, the same z; the distance pseudo-Huber (iCT: sqrt(||a - b||^2 + c^2) - c,
 c = 0.00054 sqrt(dim)) or L2. The target net is the method's own EMA (updated before each step from
@@ -53,6 +53,8 @@ class CT(Method):
         group.add_argument("--ct-noise-cond", choices=tuple(NOISE_COND), default="cm",
                            help="what the time embedder sees: cm = 250 ln(sigma), raw = sigma, ect = ln(sigma)/4")
         group.add_argument("--ct-tau", type=float, default=0.821, help="the two-step sampler's intermediate sigma")
+        group.add_argument("--ct-total-steps", type=int, default=None,
+                           help="K of the N(k) schedule; default --steps of the run's start (kept on resume)")
 
     def __init__(self, model=None, args=None):
         super().__init__(model, args)
@@ -65,7 +67,7 @@ class CT(Method):
         self.distance = g("ct_distance", "pseudo_huber")
         self.cond = NOISE_COND[g("ct_noise_cond", "cm")]
         self.tau = float(g("ct_tau", 0.821))
-        self.total_steps = int(g("steps", 1000))
+        self.total_steps = int(g("ct_total_steps", None) or g("steps", 1000))
         if not 0 < self.s_min < self.tau < self.s_max:
             raise ConfigError(f"need 0 < --ct-sigma-min < --ct-tau < --ct-sigma-max, got {self.s_min}, {self.tau}, "
                               f"{self.s_max}")
@@ -129,7 +131,7 @@ class CT(Method):
             target = self.f(self.target, x + t_lo.view(-1, 1, 1, 1).to(x.dtype) * z, t_lo, y)
         d = self.dist(online, target)
         return {"loss": d.mean(), "loss_per_sample": d.detach(), "ct_scales": torch.tensor(float(n)),
-                "pred": online, "noise": z, "options": {}}
+                "pred": online, "sigma": t_hi, "noise": z, "options": {}}
 
     def before_step(self, trainer, step):
         """target <- mu(k) target + (1 - mu(k)) online, with the weights step k - 1 produced."""
@@ -160,7 +162,10 @@ class CT(Method):
         return {"": {"steps": 1}, "_2step": {"steps": 2}}
 
     def state_dict(self):
-        return {"target": self.target.state_dict()}
+        return {"target": self.target.state_dict(), "total_steps": torch.tensor(self.total_steps)}
 
     def load_state_dict(self, state):
         self.target.load_state_dict(state["target"])
+        # The schedule's K stays the one the run started with: a resume that extends --steps
+        # continues at N = s1 instead of re-stretching the grid under the trained model.
+        self.total_steps = int(state.get("total_steps", self.total_steps))

@@ -1,0 +1,184 @@
+"""ACT: adversarial consistency training (shared/METHODS.md, "ACT") on top of CT (ct.py).
+
+A discriminator conditioned on sigma sees clean-space images only: fakes are the online
+consistency outputs f(x + t z, t) of the generator's half of the batch, reals the other half at an
+independent t (one G step and one D step per iteration on disjoint real batches). Non-saturating
+logistic losses. The generator minimises (1 - lambda) d_ct + lambda softplus(-D(fake, t)), lambda
+= 0.3 (the t-weighted ImageNet variant is not built: METHODS.md does not give its weighting).
+
+The discriminator is a small conv net (image-shaped inputs, cheap at every size this library trains
+on the CPU; a DiT-style one would cost as much as the generator) with the backbone's sinusoidal time
+embedder shifting each stage's features. Its own AdamW (weight decay 0, i.e. Adam), betas (0, 0.99),
+lr 1e-4, stepped by the trainer after the generator step (methods' aux modules).
+
+R1 (gamma 10) on augmented reals every --r1-every (16) steps, lazily scaled by r1_every as
+StyleGAN2 does. Adaptive augmentation: an EMA (0.93) of R1, averaged over processes, against a
+threshold moves the augmentation probability p up or down by a fixed step, clipped to [0, 1]; the
+augmentation (x-flip, integer translation, brightness/contrast) is differentiable plain PyTorch and
+applied to every image the discriminator sees. The released configs set the threshold so high that
+p never moves; our default was set from R1 values measured on digits (README).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbone import TimestepEmbedder
+from . import register_method
+from .base import AuxModule, ConfigError
+from .ct import CT
+
+
+class Discriminator(nn.Module):
+    """(B, C, H, W) clean-space images and sigma's c_noise (B,) -> one logit per image."""
+
+    def __init__(self, channels: int, width: int = 64):
+        super().__init__()
+        self.t_embedder = TimestepEmbedder(2 * width)
+        self.convs = nn.ModuleList([nn.Conv2d(channels, width, 3, padding=1),
+                                    nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+                                    nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1)])
+        self.shift = nn.Linear(2 * width, width + 4 * width)  # per-channel shifts of the three stages
+        self.out = nn.Linear(2 * width, 1)
+        self.width = width
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        e = F.silu(self.t_embedder(c_noise))
+        s1, s2, s3 = self.shift(e).split([self.width, 2 * self.width, 2 * self.width], dim=-1)
+        h = x
+        for conv, s in zip(self.convs, (s1, s2, s3)):
+            h = F.silu(conv(h) + s[:, :, None, None])
+        return self.out(h.mean((2, 3)))[:, 0]
+
+
+def augment(x: torch.Tensor, p: float, generator=None) -> torch.Tensor:
+    """Differentiable augmentation, each part applied per image with probability p: x-flip,
+    integer translation by up to 1/8 of the size (zero padding), brightness and contrast."""
+    if p <= 0:
+        return x
+    b, dev = x.shape[0], x.device
+    gdev = generator.device if generator is not None else dev
+
+    def coin():
+        return (torch.rand(b, generator=generator, device=gdev) < p).to(dev)
+
+    def unif(lo, hi):
+        return (lo + (hi - lo) * torch.rand(b, generator=generator, device=gdev)).to(dev)
+
+    flip = coin().view(-1, 1, 1, 1)
+    x = torch.where(flip, x.flip(-1), x)
+    h, w = x.shape[-2:]
+    m = max(1, h // 8)
+    shift = coin()
+    dy = torch.where(shift, torch.randint(-m, m + 1, (b,), generator=generator, device=gdev).to(dev), 0)
+    dx = torch.where(shift, torch.randint(-m, m + 1, (b,), generator=generator, device=gdev).to(dev), 0)
+    pad = F.pad(x, (m, m, m, m))
+    rows = (torch.arange(h, device=dev)[None] + m - dy[:, None]).view(b, 1, h, 1).expand(-1, x.shape[1], -1, pad.shape[-1])
+    x = pad.gather(2, rows)
+    cols = (torch.arange(w, device=dev)[None] + m - dx[:, None]).view(b, 1, 1, w).expand(-1, x.shape[1], h, -1)
+    x = x.gather(3, cols)
+    bright = torch.where(coin(), unif(-0.2, 0.2), 0.0).view(-1, 1, 1, 1)
+    contrast = torch.where(coin(), unif(0.8, 1.25), 1.0).view(-1, 1, 1, 1)
+    mean = x.mean((1, 2, 3), keepdim=True)
+    return (x - mean) * contrast + mean + bright
+
+
+@register_method("act")
+class ACT(CT):
+    """CT's generator loss mixed with a non-saturating adversarial term; a t-conditioned discriminator."""
+
+    @staticmethod
+    def add_args(group) -> None:
+        group.add_argument("--act-lambda", type=float, default=0.3, help="adversarial weight in the generator loss")
+        group.add_argument("--act-d-lr", type=float, default=1e-4, help="discriminator learning rate")
+        group.add_argument("--act-d-width", type=int, default=64, help="discriminator base width")
+        group.add_argument("--r1-every", type=int, default=16, help="R1 penalty every N steps (lazy, scaled by N)")
+        group.add_argument("--r1-gamma", type=float, default=10.0)
+        group.add_argument("--ada-target", type=float, default=0.05,
+                           help="R1 EMA threshold of the adaptive augmentation (above: p rises; below: p falls)")
+        group.add_argument("--ada-step", type=float, default=0.05, help="change of p per R1 evaluation")
+
+    def __init__(self, model=None, args=None):
+        super().__init__(model, args)
+        g = lambda k, d: getattr(args, k, d)  # noqa: E731
+        self.lam = float(g("act_lambda", 0.3))
+        self.r1_every, self.r1_gamma = int(g("r1_every", 16)), float(g("r1_gamma", 10.0))
+        self.ada_target, self.ada_step = float(g("ada_target", 0.05)), float(g("ada_step", 0.05))
+        if not 0 <= self.lam <= 1:
+            raise ConfigError(f"--act-lambda must lie in [0, 1], got {self.lam}")
+        if self.r1_every < 1 or self.r1_gamma < 0 or self.ada_step < 0:
+            raise ConfigError("--r1-every must be >= 1, --r1-gamma and --ada-step >= 0")
+        self.disc = Discriminator(model.in_channels, int(g("act_d_width", 64)))
+        self.d_lr = float(g("act_d_lr", 1e-4))
+        self.p, self.r1_ema = 0.0, 0.0
+
+    def aux_modules(self):
+        return {"disc": AuxModule(self.disc, lr=self.d_lr, betas=(0.0, 0.99))}
+
+    @staticmethod
+    def halves(batch: dict) -> tuple[dict, dict]:
+        """The generator's and the discriminator's disjoint halves of the real batch."""
+        b = batch["x"].shape[0]
+        if b < 2 or b % 2:
+            raise ConfigError(f"act splits each batch into a generator and a discriminator half: needs an even "
+                              f"per-process batch >= 2, got {b}")
+        h = b // 2
+        first = {k: (v[:h] if torch.is_tensor(v) and v.dim() and v.shape[0] == b else v) for k, v in batch.items()}
+        second = {k: (v[h:] if torch.is_tensor(v) and v.dim() and v.shape[0] == b else v) for k, v in batch.items()}
+        return first, second
+
+    def objective(self, model, batch, step, options):
+        g_batch, _ = self.halves(batch)
+        out = super().objective(model, g_batch, step, options)
+        fake, sigma = out["pred"], out["sigma"]
+        adv = F.softplus(-self.disc(self._aug(fake, batch), self.cond(sigma).float())).mean()
+        out["ct_distance"] = out["loss"].detach()
+        out["g_adv"] = adv.detach()
+        out["loss"] = (1 - self.lam) * out["loss"] + self.lam * adv
+        return out
+
+    def _aug(self, x, batch):
+        return augment(x, self.p, batch.get("generator"))
+
+    def aux_loss(self, name, module, batch, step, out):
+        _, d_batch = self.halves(batch)
+        real = d_batch["x"]
+        g = batch.get("generator")
+        dev = g.device if g is not None else real.device
+        grid = self.sigmas(self.num_scales(step), device=real.device)
+        s_real = grid[torch.randint(0, grid.numel(), (real.shape[0],), generator=g, device=dev).to(real.device)]
+        fake, s_fake = out["pred"].detach(), out["sigma"]
+        real_aug = self._aug(real, batch)
+        do_r1 = self.r1_gamma > 0 and step % self.r1_every == 0
+        if do_r1:
+            real_aug = real_aug.detach().requires_grad_(True)
+        d_real = module(real_aug, self.cond(s_real).float())
+        d_fake = module(self._aug(fake, batch), self.cond(s_fake).float())
+        loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+        res = {"d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach()}
+        if do_r1:
+            (grad,) = torch.autograd.grad(d_real.sum(), real_aug, create_graph=True)
+            r1 = grad.pow(2).flatten(1).sum(1).mean()
+            loss = loss + 0.5 * self.r1_gamma * self.r1_every * r1
+            self.update_p(float(r1.detach()))
+            res.update(r1=r1.detach(), ada_p=torch.tensor(self.p))
+        res["loss"] = loss
+        return res
+
+    def update_p(self, r1: float) -> None:
+        """R1 EMA (0.93) over processes against the threshold: p up a step above it, down below; in [0, 1]."""
+        from .. import ddp
+
+        r1 = ddp.all_reduce_mean(r1)
+        self.r1_ema = 0.93 * self.r1_ema + 0.07 * r1
+        self.p += self.ada_step if self.r1_ema > self.ada_target else -self.ada_step
+        self.p = min(1.0, max(0.0, self.p))
+
+    def state_dict(self):
+        return {**super().state_dict(), "ada_p": torch.tensor(self.p, dtype=torch.float64),
+                "r1_ema": torch.tensor(self.r1_ema, dtype=torch.float64)}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.p, self.r1_ema = float(state["ada_p"]), float(state["r1_ema"])

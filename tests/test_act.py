@@ -1,0 +1,91 @@
+"""ACT: the discriminator trains only in its step and the generator only in its own, disjoint real
+halves, the adaptive augmentation moves p both ways within [0, 1], the augmentation is
+differentiable, resume equals an uninterrupted run (losses and p), and the CLI."""
+import argparse
+
+import pytest
+import torch
+
+from effkernels.models import train as train_mod
+from effkernels.models.backbone import build
+from effkernels.models.checkpoint import load_checkpoint
+from effkernels.models.methods import ConfigError
+from effkernels.models.methods.act import ACT, augment
+
+KW = '{"depth": 2, "hidden_size": 32, "num_heads": 2, "class_dropout_prob": 0.0}'
+
+
+def _argv(out, *extra):
+    return ["--out", str(out), "--method", "act", "--model-kwargs", KW, "--batch-size", "16", "--eval-every", "0",
+            "--quiet", "--log-every", "1", "--warmup", "0", "--ct-s1", "10", "--r1-every", "2", *extra]
+
+
+def test_generator_and_discriminator_steps_touch_only_their_own_parameters(tmp_path, seed):
+    tr = train_mod.Trainer(train_mod.parse_args(_argv(tmp_path, "--steps", "4")))
+    act = tr.method.parts[0][1]
+    disc, opt_d = act.disc, tr.aux_opts["disc"]
+    g_ids = {id(p) for grp in tr.opt.param_groups for p in grp["params"]}
+    d_ids = {id(p) for grp in opt_d.param_groups for p in grp["params"]}
+    assert d_ids == {id(p) for p in disc.parameters()} and not (g_ids & d_ids)
+    seen = {}
+    orig = tr._aux_step
+
+    def spy(name, aux, batch, out):
+        seen["d_grad_after_g"] = [p.grad for p in disc.parameters()]
+        g0 = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        logs = orig(name, aux, batch, out)
+        seen["g_moved_in_d_step"] = any(not torch.equal(g0[n], p) for n, p in tr.model.named_parameters())
+        return logs
+
+    tr._aux_step = spy
+    d0 = [p.detach().clone() for p in disc.parameters()]
+    logs = tr.train_step(tr.make_batch(0))
+    assert all(g is None for g in seen["d_grad_after_g"])  # the generator's backward left D alone
+    assert not seen["g_moved_in_d_step"]
+    assert any(not torch.equal(a, p) for a, p in zip(d0, disc.parameters()))
+    assert {"disc_loss", "g_adv", "ct_distance", "disc_r1"} <= set(logs)
+
+
+def test_disjoint_halves(seed):
+    b = {"x": torch.arange(8.0).view(8, 1, 1, 1), "y": torch.arange(8), "generator": None}
+    g, d = ACT.halves(b)
+    assert g["x"].flatten().tolist() == [0, 1, 2, 3] and d["x"].flatten().tolist() == [4, 5, 6, 7]
+    with pytest.raises(ConfigError, match="even"):
+        ACT.halves({"x": torch.zeros(3, 1, 1, 1)})
+
+
+def test_adaptive_augmentation_moves_p_both_ways(monkeypatch):
+    act = ACT(build("tiny/2", depth=1, hidden_size=32, num_heads=2), argparse.Namespace(ada_target=1.0, ada_step=0.3))
+    for _ in range(6):
+        act.update_p(100.0)  # R1 far above the threshold
+    assert act.p == 1.0
+    rising = act.r1_ema
+    for _ in range(100):  # R1 at 0: the EMA (0.93) sinks below the threshold, then p falls
+        act.update_p(0.0)
+    assert act.p == 0.0 and act.r1_ema < 1.0 < rising
+
+
+def test_augment_is_differentiable_and_identity_at_p0(seed):
+    x = torch.randn(6, 1, 8, 8, requires_grad=True)
+    assert augment(x, 0.0) is x
+    y = augment(x, 1.0, torch.Generator().manual_seed(seed))
+    assert y.shape == x.shape and not torch.equal(y, x)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_resume_in_the_middle_equals_an_uninterrupted_run(tmp_path):
+    # p must move for its resume to be tested; one N(k) schedule (K = 6) for both runs
+    extra = ("--ada-target", "0.0", "--ada-step", "0.1", "--ct-total-steps", "6")
+    assert train_mod.main(_argv(tmp_path / "a", "--steps", "6", *extra)) == 0
+    assert train_mod.main(_argv(tmp_path / "b", "--steps", "3", *extra)) == 0
+    assert train_mod.main(_argv(tmp_path / "b", "--steps", "6", "--resume", "auto", *extra)) == 0
+    a, b = load_checkpoint(str(tmp_path / "a" / "last.pt")), load_checkpoint(str(tmp_path / "b" / "last.pt"))
+    sa, sb = a["method"]["state"]["act"], b["method"]["state"]["act"]
+    assert float(sa["ada_p"]) == float(sb["ada_p"]) > 0
+    assert float(sa["r1_ema"]) == pytest.approx(float(sb["r1_ema"]), rel=1e-6)
+    for k, v in a["method"]["aux"]["disc"]["module"].items():
+        torch.testing.assert_close(b["method"]["aux"]["disc"]["module"][k], v, rtol=0, atol=1e-6)
+    ra = train_mod.MetricsLog.read(str(tmp_path / "a" / "metrics.jsonl"))
+    rb = train_mod.MetricsLog.read(str(tmp_path / "b" / "metrics.jsonl"))
+    assert [round(r["loss"], 5) for r in ra] == [round(r["loss"], 5) for r in rb]
