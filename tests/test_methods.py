@@ -15,7 +15,7 @@ from torch import nn
 
 from effkernels.models import train as train_mod
 from effkernels.models.backbone import Route, build
-from effkernels.models.checkpoint import CheckpointError, generator_from_checkpoint, load_checkpoint, save_checkpoint
+from effkernels.models.checkpoint import generator_from_checkpoint, load_checkpoint, save_checkpoint
 from effkernels.models.data import ArrayDataset, DataError, load_latents
 from effkernels.models.methods import (METHODS, AuxModule, ConfigError, Method, build_method, register_method)
 from effkernels.models.objectives import FlowMatching, mean_prediction

@@ -152,6 +152,18 @@ class Method:
             raise ConfigError(f"{type(self).__name__} has no state to load, got keys {sorted(state)}")
 
 
+def draw_label_dropout(backbone, batch: dict) -> torch.Tensor | None:
+    """force_drop_ids (B,) drawn from the step's generator with the backbone's label-dropout rate, or
+    None when it drops nothing (eval mode, rate 0). A method that runs the labels through two
+    networks (MaskDiT's encoder and decoder, SRA's student and teacher) draws them once, here."""
+    emb = backbone.y_embedder
+    if not (backbone.training and emb.dropout_prob > 0):
+        return None
+    x, g = batch["x"], batch.get("generator")
+    u = torch.rand(x.shape[0], generator=g, device=g.device if g is not None else x.device).to(x.device)
+    return (u < emb.dropout_prob).long()
+
+
 def _overrides(part, name: str) -> bool:
     """Whether `part` defines hook `name` itself instead of inheriting Method's default."""
     return getattr(type(part), name, None) is not getattr(Method, name)

@@ -27,7 +27,7 @@ from effkernels.nn import DiTBlock, ModulatedLayerNorm
 from ..backbone import get_2d_sincos_pos_embed
 from ..objectives import interpolate, mean_prediction, velocity_target
 from . import register_method
-from .base import ConfigError, Method
+from .base import ConfigError, Method, draw_label_dropout
 
 # Widths from which the paper's decoder (8 blocks of width 512, 16 heads) is the default: the DiT sizes.
 PAPER_DECODER_FROM_WIDTH = 384
@@ -169,15 +169,6 @@ class MaskDiT(Method):
         return {"keep_idx": ops.draw_route(x.shape[0], self.backbone.num_patches, self.keep, generator=g,
                                            device=x.device)}
 
-    def _drop_ids(self, batch, b, device):
-        """Label dropout drawn here, so that the encoder and the decoder see the same labels."""
-        emb = self.backbone.y_embedder
-        if not (self.backbone.training and emb.dropout_prob > 0):
-            return None
-        g = batch.get("generator")
-        u = torch.rand(b, generator=g, device=g.device if g is not None else device).to(device)
-        return (u < emb.dropout_prob).long()
-
     def objective(self, model, batch, step, options):
         x, y = batch["x"], batch["y"]
         b = x.shape[0]
@@ -188,7 +179,7 @@ class MaskDiT(Method):
         x_t, target = interpolate(x, noise, t), velocity_target(x, noise)
         keep_idx = options.get("keep_idx")
         drop = options.get("force_drop_ids")  # another method (SRA) may have drawn the dropout
-        drop = self._drop_ids(batch, b, x.device) if drop is None else drop
+        drop = draw_label_dropout(self.backbone, batch) if drop is None else drop  # encoder = decoder labels
         tokens, hidden = generate(model, self.backbone, self.decoder, x_t, t, y, keep_idx, drop,
                                   options.get("return_hidden", ()))  # (B, N, p*p*C_out)
         bb = self.backbone

@@ -22,7 +22,7 @@ from effkernels import ops
 
 from ..objectives import interpolate
 from . import register_method
-from .base import ConfigError, Method
+from .base import ConfigError, Method, draw_label_dropout
 
 # (student depth, teacher depth) by model depth, from METHODS.md: B (12) 4 -> 8, XL (28) 8 -> 20
 # (SiT; DiT-XL with learned sigma 8 -> 16). Other depths: a third and two thirds of the way up.
@@ -82,18 +82,9 @@ class SRA(Method):
     def attach(self, trainer) -> None:
         self.teacher = trainer.ema.model  # the EMA the trainer updates after every step
 
-    def _drop_ids(self, batch, b, device):
-        emb = self.backbone.y_embedder
-        if not (self.backbone.training and emb.dropout_prob > 0):
-            return None
-        g = batch.get("generator")
-        u = torch.rand(b, generator=g, device=g.device if g is not None else device).to(device)
-        return (u < emb.dropout_prob).long()
-
     def forward_options(self, model, batch, step):
-        x = batch["x"]
         opts = {"return_hidden": (self.student_depth,)}
-        drop = self._drop_ids(batch, x.shape[0], x.device)
+        drop = draw_label_dropout(self.backbone, batch)
         if drop is not None:
             opts["force_drop_ids"] = drop
         return opts
