@@ -8,7 +8,9 @@ baseline on the reference backend.
   python bench/bench_train.py --methods sit,tread,maskdit [--repeats 3] ...   # per method, interleaved
 
 With --methods each row is a training method's whole step (effkernels.models.methods with its
-default options: TREAD routes 3..depth-3 at 0.5, MaskDiT masks 0.5 with its decoder), on the auto
+default options: TREAD routes 3..depth-3 at 0.5, MaskDiT masks 0.5 with its decoder; ACT's step includes
+its discriminator's forward in the generator loss, not the discriminator's own step; REPA and ERW
+need a prepared encoder and are not rows yet), on the auto
 backend, timed in `--repeats` interleaved rounds (method A, B, C, A, B, C, ...) so that drift of a
 shared machine hits every row alike; the median round is reported, with the spread.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -29,6 +32,7 @@ import effkernels
 from _common import write_rows
 from effkernels import backends
 from effkernels.models.backbone import Route, build
+from effkernels.models.ema import EMA
 from effkernels.models.methods import args_from_json, build_method
 from effkernels.models.objectives import FlowMatching
 
@@ -92,6 +96,11 @@ def method_runner(args, spec: str):
                   num_classes=args.classes).to(device).train()
     method = build_method(spec, model, args_from_json(None))
     mods = torch.nn.ModuleDict(method.modules()).to(device).train()
+    # what attach() reads from a trainer: the EMA (SRA's teacher), the device, the options
+    gen = {"backbone": model, **{k: mods[k] for k in method.generator_modules}}
+    method.attach(SimpleNamespace(ema=EMA(gen, 0.999), device=device, args=SimpleNamespace(out=None), ds=None))
+    for a in method.aux_modules().values():
+        a.module.to(device)
     params = list(model.parameters()) + list(mods.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator(device=device).manual_seed(0)
