@@ -343,6 +343,5 @@ def test_norm_floor_is_eps_except_float16():
     assert ref.norm_clamp(1e-8, torch.float32) == 1e-8 == ref.norm_clamp(1e-8, torch.bfloat16)
     assert ref.norm_clamp(1e-8, torch.float16) == 2.0 ** -14
     assert ref.norm_clamp(1e-3, torch.float16) == 1e-3
-    # 1 / tiny is a quarter of the max in each format: a mean loss's gradient (|dcos| <= 1) is finite.
-    for dt in (torch.float16, torch.bfloat16, torch.float32):
-        assert 1 / torch.finfo(dt).tiny <= torch.finfo(dt).max / 3.9
+    # Why tiny: 1 / tiny is a quarter of the max in every IEEE format, so a mean loss's gradient
+    # (|dcos| <= 1, divided by the clamped norm) stays finite; zero_row_case checks it on real rows.
