@@ -59,6 +59,20 @@ def step_fn(model, opt, objective, x, y, routes, amp):
     return step
 
 
+def timed(step, n: int, device: torch.device) -> tuple[float, float | None]:
+    """(seconds per step over n steps, peak CUDA MiB or None on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / n
+    return dt, (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None)
+
+
 def measure(args, label, backend, routes) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -73,16 +87,7 @@ def measure(args, label, backend, routes) -> dict:
     flops = fc.get_total_flops()
     for _ in range(args.warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t) / args.steps
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    dt, peak = timed(step, args.steps, device)
     return {"variant": label, "backend": backend, "s_per_step": dt, "images_per_s": args.batch / dt,
             "gflops_per_step": flops / 1e9, "peak_mib": peak,
             "params": sum(p.numel() for p in model.parameters())}
@@ -130,16 +135,9 @@ def measure_methods(args, specs: list[str]) -> list[dict]:
     peaks = {s: 0.0 for s in specs}
     for _ in range(args.repeats):
         for s, (step, _, _) in runners.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                peaks[s] = max(peaks[s], torch.cuda.max_memory_allocated() / 2**20)
-            times[s].append((time.perf_counter() - t) / args.steps)
+            dt, peak = timed(step, args.steps, device)
+            times[s].append(dt)
+            peaks[s] = max(peaks[s], peak or 0.0)
     rows = []
     for s in specs:
         ts = sorted(times[s])

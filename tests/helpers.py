@@ -47,3 +47,17 @@ def cosine_loss_scale(z_hat: torch.Tensor, z: torch.Tensor, eps: float = 1e-8) -
 def poison(shape, dtype, device="cpu"):
     """An output buffer full of NaN, so a kernel that skips an element cannot pass."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def count_index_checks(monkeypatch):
+    """Record the `name` of every routing index-value check (the host-syncing one) from now on."""
+    from effkernels import ops
+
+    calls = []
+    real = ops.routing.check_index_values
+
+    def counting(idx, num_tokens, name="idx"):
+        calls.append(name)
+        return real(idx, num_tokens, name)
+    monkeypatch.setattr(ops.routing, "check_index_values", counting)
+    return calls

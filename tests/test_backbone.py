@@ -10,7 +10,7 @@ from torch import nn
 
 from effkernels import ops
 from effkernels.models.backbone import CONFIGS, DiT, Route, build, get_2d_sincos_pos_embed
-from helpers import TOL, rel_err
+from helpers import TOL, rel_err, count_index_checks
 
 
 #################################################################################
@@ -373,15 +373,6 @@ def test_forward_builds_no_module(seed, monkeypatch):
     assert built == []
 
 
-def _count_index_checks(monkeypatch):
-    calls = []
-    real = ops.routing.check_index_values
-
-    def counting(idx, num_tokens, name="idx"):
-        calls.append(name)
-        return real(idx, num_tokens, name)
-    monkeypatch.setattr(ops.routing, "check_index_values", counting)
-    return calls
 
 
 @pytest.mark.parametrize("backend", [None, "reference"])
@@ -392,7 +383,7 @@ def test_each_user_index_is_checked_once_per_forward(seed, monkeypatch, backend)
     x, t, y = _inputs(model)
     keep = ops.draw_route(3, model.num_patches, 12)
     routes = model.draw_routes([Route(1, 2, 0.5), Route(4, 6, 0.25)], 3, num_tokens=12)
-    calls = _count_index_checks(monkeypatch)
+    calls = count_index_checks(monkeypatch)
     out, hidden = model(x, t, y, keep_idx=keep, routes=routes, return_hidden=(1, 5))
     assert calls == ["keep_idx", "routes[0].idx", "routes[1].idx"]
     (out.square().mean() + hidden[5].mean()).backward()

@@ -7,7 +7,7 @@ import effkernels.ops as ops
 from effkernels import use_backend
 from effkernels._triton import routing as tri
 from effkernels.reference import routing as ref
-from helpers import poison
+from helpers import poison, count_index_checks
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 IDX_DTYPES = (torch.int32, torch.int64)
@@ -331,20 +331,11 @@ def test_draw_route_edges():
     assert ops.draw_route(np.int64(3), 5, torch.tensor(2)).shape == (3, 2)
 
 
-def _count_checks(monkeypatch):
-    calls = []
-    real = ops.routing.check_index_values
-
-    def counting(idx, num_tokens, name="idx"):
-        calls.append(name)
-        return real(idx, num_tokens, name)
-    monkeypatch.setattr(ops.routing, "check_index_values", counting)
-    return calls
 
 
 @pytest.mark.parametrize("backend", ("triton", "reference"))
 def test_index_checked_once_in_the_public_call_never_in_backward(seed, monkeypatch, backend):
-    calls = _count_checks(monkeypatch)
+    calls = count_index_checks(monkeypatch)
     x = torch.randn(2, 9, 5, requires_grad=True)
     sub = torch.randn(2, 4, 5, requires_grad=True)
     idx = _draw(2, 9, 4, torch.int64)
@@ -394,7 +385,7 @@ def test_check_route_index_syncs_once(seed, monkeypatch):
 
 
 def test_compiled_ops_skip_the_value_check(seed, monkeypatch):
-    calls = _count_checks(monkeypatch)
+    calls = count_index_checks(monkeypatch)
     idx = _draw(2, 9, 4, torch.int64)
     torch._dynamo.reset()
     f = torch.compile(lambda x: ops.route_gather(x, idx, backend="triton").sum(), fullgraph=True,
