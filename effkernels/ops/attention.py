@@ -4,10 +4,16 @@ Dense (TREAD and MaskDiT as published, every sample keeps K tokens, gathered onc
   visible_attention(q, k, v) with q, k, v (B, H, K, Dh) -> scaled_dot_product_attention on every
   backend (PyTorch's own fused kernels; reference.attention.dense_attention is its spec in tests).
 Packed (a different count per sample): q, k, v (T, H, Dh), cu_seqlens (S + 1,) int32 offsets and
-max_seqlen an int (flash-attn's convention; no .item() inside the op). Paths: flash-attn's
-flash_attn_varlen_func for fp16/bf16 CUDA tensors when flash_attn imports, else the reference (one
-SDPA per segment) registered as an op with the softmax backward written out, so torch.compile
-traces it without a graph break.
+max_seqlen an int (flash-attn's convention; no .item() inside the op). Paths, by backend:
+  auto       CUDA tensors: flash-attn's flash_attn_varlen_func for fp16/bf16 when flash_attn
+             imports, else the Triton varlen kernel (fp32/fp16/bf16; effkernels._triton.attention),
+             else the reference; CPU tensors: the reference.
+  triton     the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+  cuda       flash-attn; an error where it cannot run (fp32, or flash_attn absent): the extension
+             has no attention kernel, and a silent switch to another backend is what this avoids.
+  reference  (and cpp, whose CPU path it is) one SDPA per segment.
+The Triton kernel and the reference are registered ops with their backward written out (the
+Triton one saves the log-sum-exp), so torch.compile traces either without a graph break.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..reference import attention as ref
-from ._common import check_same, check_tensor, data_checks_enabled, pick
+from ._common import check_same, check_tensor, data_checks_enabled, kernel_module, pick
 
 lengths_to_cu_seqlens = ref.lengths_to_cu_seqlens
 
@@ -58,6 +64,82 @@ def _varlen_bwd(ctx, dout):
 _varlen_ref_op.register_autograd(_varlen_bwd, setup_context=_varlen_setup)
 
 
+# The Triton kernel: forward returns (out, lse (H, T) float32); backward reads both.
+@torch.library.custom_op("effkernels::varlen_attention_triton", mutates_args=())
+def _varlen_tri_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                   max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernel_module("attention", "triton").varlen_fwd(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+@_varlen_tri_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale):
+    T, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("effkernels::varlen_attention_triton_backward", mutates_args=())
+def _varlen_tri_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                       scale: float) -> list[torch.Tensor]:
+    if dout.shape[-1] > 1 and dout.stride(-1) != 1:  # the kernel takes any row/head strides, not this
+        dout = dout.contiguous()
+    return list(kernel_module("attention", "triton").varlen_bwd(dout, q, k, v, out, lse, cu_seqlens,
+                                                                 max_seqlen, scale))
+
+
+@_varlen_tri_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)]
+
+
+def _varlen_tri_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+
+
+def _varlen_tri_bwd(ctx, dout, _dlse):
+    q, k, v, out, lse, cu = ctx.saved_tensors
+    dq, dk, dv = _varlen_tri_bwd_op(dout, q, k, v, out, lse, cu, ctx.max_seqlen, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_varlen_tri_op.register_autograd(_varlen_tri_bwd, setup_context=_varlen_tri_setup)
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRITON_MAX_HEAD_DIM = 128  # effkernels._triton.attention._MAX_HEAD_DIM (not imported: triton is optional)
+
+
+def _packed_path(requested: str, q: torch.Tensor) -> str:
+    """Which implementation runs the packed form: "flash_attn", "triton" or "reference".
+
+    requested: backends.requested_backend(...), already checked runnable on q's device by pick().
+    Raises where the request cannot be honoured for these tensors (no silent fallback)."""
+    fa_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and backends.flash_attn_status()[0]
+    tri_fits = q.dtype in _TRITON_DTYPES and q.shape[-1] <= _TRITON_MAX_HEAD_DIM
+    if requested == "triton":
+        if q.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"q: the triton backend's packed attention takes float32, float16 or bfloat16, got {q.dtype}")
+        if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
+            raise ValueError(f"q: the triton backend's packed attention takes head dims up to "
+                             f"{_TRITON_MAX_HEAD_DIM}, got Dh={q.shape[-1]}")
+        return "triton"
+    if requested == "cuda":
+        if not fa_ok:
+            raise RuntimeError(
+                f"backend 'cuda' cannot run visible_attention's packed form on {q.dtype} {q.device.type} tensors "
+                f"here: it is flash-attn's varlen kernel, which needs fp16/bf16 CUDA tensors and flash_attn "
+                f"({backends.flash_attn_status()[1]}); use backend='triton' or 'auto'")
+        return "flash_attn"
+    if requested == "auto" and q.is_cuda:
+        if fa_ok:
+            return "flash_attn"
+        if tri_fits and backends.available("triton", q.device)[0]:
+            return "triton"
+    return "reference"
+
+
 def _check_qkv(q, k, v, dims):
     for n, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(n, t, dims=(dims,), floating=True)
@@ -91,8 +173,8 @@ def visible_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """Attention within each sample's visible tokens: dense (B, H, K, Dh) or packed (T, H, Dh).
 
     backend: as for every op; an explicit backend that cannot run on q's device is an error (the
-    dense form runs PyTorch's SDPA on every backend that can run, the packed form flash-attn or the
-    reference op). Packed: cu_seqlens (S + 1,) int32/int64 offsets from 0 to T, non-decreasing,
+    dense form runs PyTorch's SDPA on every backend that can run; the packed form's paths per
+    backend are in the module docstring). Packed: cu_seqlens (S + 1,) int32/int64 offsets from 0 to T, non-decreasing,
     and max_seqlen >= the longest segment (values checked once, in eager mode).
     """
     dims = 4 if cu_seqlens is None else 3
@@ -108,11 +190,12 @@ def visible_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         raise ValueError(f"max_seqlen must be a positive int (the longest segment), got {max_seqlen!r}")
     _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    # flash-attn is its own package, not effkernels._C: auto uses it whenever it can run.
-    use_fa = (backends.requested_backend(backend) in ("auto", "cuda") and q.is_cuda
-              and q.dtype in (torch.float16, torch.bfloat16) and backends.flash_attn_status()[0])
-    if use_fa:
+    path = _packed_path(backends.requested_backend(backend), q)
+    if path == "flash_attn":
         from flash_attn import flash_attn_varlen_func
         cu = cu_seqlens.to(torch.int32)
         return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale)
+    if path == "triton":
+        q, k, v = (t if t.shape[-1] == 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        return _varlen_tri_op(q, k, v, cu_seqlens, max_seqlen, scale)[0]
     return _varlen_ref_op(q, k, v, cu_seqlens, max_seqlen, scale)
