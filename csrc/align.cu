@@ -9,6 +9,7 @@
 // |d z_hat| <= |dcos| / clamp, and 1 / tiny is a quarter of the dtype's max in every IEEE format, so
 // a zero (or sub-normal) fp16 row gets a finite gradient where eps = 1e-8 would overflow to inf.
 #include "adaln_math.h"
+#include "align_proj.h"  // the fused projection + cosine (CPU only; Triton is its GPU path)
 
 #include <limits>
 
@@ -169,7 +170,12 @@ Tensor cosine_bwd(const Tensor& dcos, const Tensor& zh, const Tensor& z, double 
   m.impl("cosine_fwd_out", &ek::cosine_fwd_out);     \
   m.impl("cosine_bwd", &ek::cosine_bwd);
 
-TORCH_LIBRARY_IMPL(effkernels_C, CPU, m) { EK_ALIGN_IMPLS(m) }
+TORCH_LIBRARY_IMPL(effkernels_C, CPU, m) {
+  EK_ALIGN_IMPLS(m)
+  m.impl("proj_cosine_fwd", &ek::proj_cosine_fwd);
+  m.impl("proj_cosine_fwd_out", &ek::proj_cosine_fwd_out);
+  m.impl("proj_cosine_bwd", &ek::proj_cosine_bwd);
+}
 #ifdef EK_CUDA
 TORCH_LIBRARY_IMPL(effkernels_C, CUDA, m) { EK_ALIGN_IMPLS(m) }
 #endif

@@ -35,6 +35,13 @@ TORCH_LIBRARY(effkernels_C, m) {
   m.def("cosine_fwd(Tensor z_hat, Tensor z, float eps) -> Tensor");
   m.def("cosine_fwd_out(Tensor z_hat, Tensor z, float eps, Tensor(a!) out) -> ()");
   m.def("cosine_bwd(Tensor dcos, Tensor z_hat, Tensor z, float eps) -> Tensor");
+  // align, the projector's last Linear fused in (CPU only): h (B, N, K), weight (Z, K), z (B, N, Z);
+  // cos (B, N) and norms (B, N, 2) = (|y|, |z|) float32; chunk: tokens per matmul
+  m.def("proj_cosine_fwd(Tensor h, Tensor weight, Tensor? bias, Tensor z, float eps, int chunk) -> (Tensor, Tensor)");
+  m.def("proj_cosine_fwd_out(Tensor h, Tensor weight, Tensor? bias, Tensor z, float eps, int chunk,"
+        " Tensor(a!) cos, Tensor(b!) norms) -> ()");
+  m.def("proj_cosine_bwd(Tensor dcos, Tensor h, Tensor weight, Tensor? bias, Tensor z, Tensor cos, Tensor norms,"
+        " float eps, int chunk) -> (Tensor, Tensor, Tensor)");
 }
 
 // -DEFFK_CUDA_ARCHS=8.0_9.0 (a preprocessor number: '_' stands for ';' and 'p' for '+').

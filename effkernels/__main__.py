@@ -9,7 +9,7 @@ import torch
 from . import __version__, backends
 
 OPS = ("route_gather", "route_scatter", "modulate_layernorm", "gated_residual",
-       "gated_residual_modulate_layernorm", "per_token_cosine")
+       "gated_residual_modulate_layernorm", "per_token_cosine", "projected_cosine")
 
 
 def table(device: torch.device) -> list[list[str]]:
@@ -18,6 +18,7 @@ def table(device: torch.device) -> list[list[str]]:
         row = [op]
         for b in ("reference", "triton", "cuda", "cpp"):
             ok, _ = backends.available(b, device)
+            ok = ok and not (b == "cuda" and op in backends.NO_CUDA_KERNEL)
             row.append("yes" if ok else "-")
         try:
             chosen = backends.resolve(op, device)
@@ -48,7 +49,8 @@ def report() -> str:
     for dev in devices:
         out += ["", f"{dev.type.upper()} tensors:", render(table(dev), head)]
     out += ["", "visible_attention: dense form -> SDPA; packed (cu_seqlens) form -> flash-attn varlen "
-            "on fp16/bf16 CUDA tensors when flash_attn imports, else the reference per segment."]
+            "on fp16/bf16 CUDA tensors when flash_attn imports, else the Triton varlen kernel on CUDA tensors "
+            "(fp32/fp16/bf16, Dh <= 128), else the reference per segment."]
     return "\n".join(out)
 
 

@@ -37,6 +37,11 @@ CPP_FASTER_ON_CPU: frozenset[str] = frozenset({
     "route_gather", "route_scatter", "modulate_layernorm", "gated_residual",
     "gated_residual_modulate_layernorm", "per_token_cosine"})
 
+# Ops the extension implements for CPU tensors only: on CUDA tensors their kernel path is Triton's
+# (the fused projection + cosine is matmuls, which tl.dot tiles; a hand-written CUDA GEMM would not
+# beat it), so auto skips `cuda` for them and asking for it by name is an error.
+NO_CUDA_KERNEL: frozenset[str] = frozenset({"projected_cosine"})
+
 _local = threading.local()
 
 
@@ -174,13 +179,16 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
         ok, why = available(name, device)
         if not ok:
             raise RuntimeError(f"backend {name!r} cannot run op {op} on {device.type} tensors here: {why}")
+        if name == "cuda" and op in NO_CUDA_KERNEL:
+            raise RuntimeError(f"backend 'cuda' cannot run op {op} on {device.type} tensors here: the extension "
+                               "has no CUDA kernel for it (its GPU path is triton)")
         return name
     return auto_choice(op, device)[0]
 
 
 def auto_choice(op: str, device: torch.device) -> tuple[str, str]:
     if device.type == "cuda":
-        if available("cuda", device)[0]:
+        if available("cuda", device)[0] and op not in NO_CUDA_KERNEL:
             return "cuda", "extension built with CUDA"
         if available("triton", device)[0]:
             return "triton", "triton on a GPU"

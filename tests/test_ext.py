@@ -321,6 +321,13 @@ def _opcheck_cases():
         "cosine_fwd": [(r(B, N, D), r(B, N, D), 1e-8)],
         "cosine_fwd_out": [(r(B, N, D), r(B, N, D), 1e-8, torch.empty(B, N))],
         "cosine_bwd": [(torch.randn(B, N), r(B, N, D), r(B, N, D).bfloat16(), 1e-8)],
+        # the fused projection: h (B, N, D), weight (K, D) (K = the target width here), z (B, N, K)
+        "proj_cosine_fwd": [(x, r(K, D), r(K), r(B, N, K), 1e-8, 4), (x, r(K, D), None, r(B, N, K).half(), 1e-8, 64)],
+        "proj_cosine_fwd_out": [(x, r(K, D), None, r(B, N, K), 1e-8, 4, torch.empty(B, N), torch.empty(B, N, 2))],
+        "proj_cosine_bwd": [(torch.randn(B, N), x, r(K, D), r(K), r(B, N, K), *C.proj_cosine_fwd(x, r(K, D), None,
+                             r(B, N, K), 1e-8, 4), 1e-8, 4),
+                            (torch.randn(B, N), x, r(K, D), None, r(B, N, K), torch.randn(B, N), torch.rand(B, N, 2),
+                             1e-8, 3)],
     }
 
 

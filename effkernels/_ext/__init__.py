@@ -25,7 +25,8 @@ except ImportError as e:  # optional extension: never break `import effkernels`
 
 OPS = ("gather", "gather_out", "scatter", "scatter_out", "ln_modulate_fwd", "ln_modulate_fwd_out",
        "ln_modulate_bwd", "gated_residual_fwd", "gated_residual_fwd_out", "gated_residual_bwd",
-       "fused_fwd", "fused_bwd", "cosine_fwd", "cosine_fwd_out", "cosine_bwd")
+       "fused_fwd", "fused_bwd", "cosine_fwd", "cosine_fwd_out", "cosine_bwd",
+       "proj_cosine_fwd", "proj_cosine_fwd_out", "proj_cosine_bwd")
 
 
 def require() -> None:
@@ -67,6 +68,11 @@ def _register() -> None:
         "cosine_fwd": lambda z_hat, z, eps: _stats(z_hat),
         "cosine_fwd_out": lambda z_hat, z, eps, out: None,
         "cosine_bwd": lambda dcos, z_hat, z, eps: _like(z_hat),
+        "proj_cosine_fwd": lambda h, w, b, z, eps, chunk: (
+            _stats(h), h.new_empty(*h.shape[:2], 2, dtype=torch.float32)),
+        "proj_cosine_fwd_out": lambda h, w, b, z, eps, chunk, cos, norms: None,
+        "proj_cosine_bwd": lambda dcos, h, w, b, z, cos, norms, eps, chunk: (
+            _like(h), _like(w), _like(b) if b is not None else h.new_empty(0, dtype=torch.float32)),
     }
     for name, fn in fake.items():
         # The schema's python module is effkernels._ext: give the fakes this module's name.

@@ -4,6 +4,7 @@ Primitives (contract in effkernels/ops/align.py):
   cosine_fwd(z_hat, z, eps, out=None)        -> cos (B, N) float32
   cosine_bwd(dcos, z_hat, z, eps, out=None)  -> d z_hat, z_hat's dtype and layout (empty_like, which
                                                  is what the op's fake tensor promises)
+  proj_cosine_fwd / proj_cosine_bwd           the projector's last Linear fused in: align_proj.py
 
 cos = <z_hat, z> / (max(|z_hat|, e) * max(|z|, e)), F.normalize's clamp, so a zero row gives 0, with
 e = max(eps, finfo(z_hat.dtype).tiny) (reference.align.norm_clamp: keeps a zero fp16 row's gradient,
@@ -22,6 +23,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from . import align_proj as _proj
+from .align_proj import proj_cosine_bwd, proj_cosine_fwd  # noqa: F401  (primitives of this family)
 
 # (BLOCK_D, BLOCK_R): ~2048 elements per tile, so short rows get many rows per program and a long
 # row (D up to 1024 in one chunk) still leaves each of the 128 threads only a few registers' worth.
@@ -214,4 +218,4 @@ def aot_specs():
                        **strides, "s_ob": "i32", "s_on": "i32", "eps": "fp32", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr",
                        "SINGLE": "constexpr"}
                 specs.append((_cos_bwd_kernel, sig, {**cx, "SINGLE": single}, opts))
-    return specs
+    return specs + _proj.aot_specs()

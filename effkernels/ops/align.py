@@ -96,3 +96,127 @@ def mse_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Squared error summed over D, mean over tokens (PyTorch's fused op)."""
     _check(z_hat, z)
     return ref.mse_alignment_loss(z_hat, z)
+
+
+# ---------------------------------------------------------------------------------------------
+# The projector's last Linear fused into the cosine loss
+#
+# Kernel backend primitives (effkernels._triton.align_proj, effkernels._ext.align; cpp and triton):
+#   proj_cosine_fwd(h, weight, bias, z, eps, chunk) -> (cos (B, N), norms (B, N, 2) = (|y|, |z|)) float32
+#   proj_cosine_bwd(dcos, h, weight, bias, z, cos, norms, eps, chunk) -> (dh contiguous in h's dtype,
+#       d weight (contiguous), d bias or None); dcos (B, N) float32, any strides.
+# y = h W^T + bias exists only `chunk` tokens at a time (the backward's dy likewise).
+# ---------------------------------------------------------------------------------------------
+
+# Tokens per chunk: the chunk's y (or dy) holds about this many elements (4 MiB in float32).
+CHUNK_ELEMENTS = 1 << 20
+
+
+def default_chunk(z_dim: int) -> int:
+    """Tokens per chunk for a projection of width z_dim: CHUNK_ELEMENTS / z_dim, a multiple of 64."""
+    return max(64, CHUNK_ELEMENTS // max(z_dim, 1) // 64 * 64)
+
+
+def _check_proj(h, weight, bias, z, chunk_tokens):
+    check_tensor("h", h, dims=(3,), floating=True)
+    check_tensor("weight", weight, dims=(2,), floating=True)
+    if bias is not None:
+        check_tensor("bias", bias, dims=(1,), floating=True)
+    check_tensor("z", z, dims=(3,), floating=True)
+    if weight.shape[1] != h.shape[2] or weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight must be (Z, K) with K = h's last dim {h.shape[2]} and Z, K >= 1, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be (Z,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if tuple(z.shape) != (h.shape[0], h.shape[1], weight.shape[0]):
+        raise ValueError(f"z must be (B, N, Z) = {(h.shape[0], h.shape[1], weight.shape[0])}, got {tuple(z.shape)}")
+    check_same(("h", "weight", "bias", "z"), (h, weight, bias, z), dtype=False)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != h.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but h has {h.dtype} (outside autocast they must match)")
+    for name, t in (("h", h), ("weight", weight), ("bias", bias), ("z", z)):
+        if t is not None:
+            check_last_dim_contiguous(name, t)
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                     or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
+
+
+@torch.library.custom_op("effkernels::projected_cosine", mutates_args=())
+def _pcos_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor, eps: float,
+             chunk: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(kernel_module("align", backend).proj_cosine_fwd(h, weight, bias, z, eps, chunk))
+
+
+@_pcos_op.register_fake
+def _(h, weight, bias, z, eps, chunk, backend):
+    return (h.new_empty(h.shape[:2], dtype=torch.float32), h.new_empty((*h.shape[:2], 2), dtype=torch.float32))
+
+
+@torch.library.custom_op("effkernels::projected_cosine_backward", mutates_args=())
+def _pcos_bwd_op(dcos: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 z: torch.Tensor, cos: torch.Tensor, norms: torch.Tensor, eps: float, chunk: int,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dh, dw, db = kernel_module("align", backend).proj_cosine_bwd(dcos.float(), h, weight, bias, z, cos, norms,
+                                                                 eps, chunk)
+    # A custom op returns tensors only: "no bias" is an empty d bias, dropped by the autograd below.
+    return dh, dw, db if db is not None else h.new_empty(0, dtype=torch.float32)
+
+
+@_pcos_bwd_op.register_fake
+def _(dcos, h, weight, bias, z, cos, norms, eps, chunk, backend):
+    db = bias.new_empty(bias.shape) if bias is not None else h.new_empty(0, dtype=torch.float32)
+    return h.new_empty(h.shape), weight.new_empty(weight.shape), db
+
+
+def _pcos_setup(ctx, inputs, output):
+    h, weight, bias, z, eps, chunk, backend = inputs
+    cos, norms = output
+    ctx.save_for_backward(h, weight, bias, z, cos, norms)
+    ctx.mark_non_differentiable(norms)
+    ctx.eps, ctx.chunk, ctx.backend, ctx.has_bias = eps, chunk, backend, bias is not None
+
+
+def _pcos_bwd(ctx, dcos, _dnorms):
+    h, weight, bias, z, cos, norms = ctx.saved_tensors
+    dh, dw, db = _pcos_bwd_op(dcos, h, weight, bias, z, cos, norms, ctx.eps, ctx.chunk, ctx.backend)
+    return dh, dw, db if ctx.has_bias else None, None, None, None, None
+
+
+_pcos_op.register_autograd(_pcos_bwd, setup_context=_pcos_setup)
+
+
+def projected_cosine(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor,
+                     eps: float = 1e-8, *, chunk_tokens: int | None = None,
+                     backend: str | None = None) -> torch.Tensor:
+    """cos(h[b, n] W^T + bias, z[b, n]) in float32 -> (B, N), the projection never materialised whole.
+
+    h (B, N, K): the projector's last hidden state; weight (Z, K), bias (Z,) or None: its last Linear;
+    z (B, N, Z): the target, never differentiated. Norms are clamped at norm_clamp(eps, h.dtype).
+    Under autocast h, weight and bias are cast to the autocast dtype first, as F.linear would cast
+    them, and the op itself runs with autocast off (its math is float32). chunk_tokens: tokens per
+    chunk (default default_chunk(Z)); gradients reach h, weight and bias.
+    """
+    _check_proj(h, weight, bias, z, chunk_tokens)
+    eps = check_eps(eps)
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        h, weight = h.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    b = pick("projected_cosine", h.device, backend)
+    z = z.detach()
+    chunk = chunk_tokens or default_chunk(weight.shape[0])
+    with torch.autocast(dev, enabled=False):
+        if b == "reference":
+            return ref.projected_cosine(h, weight, bias, z, eps)
+        return _pcos_op(h, weight, bias, z, eps, chunk, b)[0]
+
+
+def projected_cosine_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor,
+                          eps: float = 1e-8, *, chunk_tokens: int | None = None,
+                          backend: str | None = None) -> torch.Tensor:
+    """REPA's loss with the projector's last Linear fused in: -mean over batch and tokens of
+    projected_cosine (float32 scalar); equals cosine_alignment_loss(F.linear(h, weight, bias), z)
+    up to the projection's rounding (here never rounded to h's dtype)."""
+    return -projected_cosine(h, weight, bias, z, eps, chunk_tokens=chunk_tokens, backend=backend).mean()

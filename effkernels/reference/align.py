@@ -51,3 +51,55 @@ def smooth_l1_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor, beta: float =
 def mse_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Squared error summed over D, mean over tokens and batch."""
     return (_up(z_hat) - _up(z.detach())).pow(2).sum(-1).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# The projector's last Linear fused into the cosine loss (REPA's head): the spec of ops.projected_cosine
+# ---------------------------------------------------------------------------------------------
+
+def projected_cosine(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor,
+                     eps: float = 1e-8) -> torch.Tensor:
+    """cos(h[b,n] W^T + bias, z[b,n]): h (B, N, K), weight (Z, K), bias (Z,) or None, z (B, N, Z) -> (B, N).
+
+    The projection y = h W^T + bias is computed in float32 (never rounded to h's dtype) and then
+    treated as per_token_cosine treats z_hat, with the norm floor of h's dtype (norm_clamp): the
+    projection's gradient reaches h through W in h's dtype, so h's dtype bounds it.
+    """
+    y = F.linear(_up(h), _up(weight), None if bias is None else _up(bias))
+    e = norm_clamp(eps, h.dtype)
+    return (F.normalize(y, dim=-1, eps=e) * F.normalize(_up(z.detach()), dim=-1, eps=e)).sum(-1)
+
+
+def projected_cosine_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor,
+                          eps: float = 1e-8) -> torch.Tensor:
+    """-mean over batch and tokens of projected_cosine: REPA's loss with its last Linear inside.
+
+    Every sample has N tokens, so the mean over (B, N) counts every sample 1/B.
+    """
+    return -projected_cosine(h, weight, bias, z, eps).mean()
+
+
+def projected_cosine_backward(dcos: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                              bias: torch.Tensor | None, z: torch.Tensor, eps: float = 1e-8):
+    """(dh, d weight, d bias) of projected_cosine for an upstream dcos (B, N), written out.
+
+    With y = h W^T + bias, a = max(|y|, e), c = max(|z|, e), cos = <y, z> / (a c) and
+    g = [|y| >= e] (a clamped norm is a constant, so its term drops, as autograd through
+    F.normalize gives):
+        dy = dcos * (z / (a c) - g cos y / a^2)      (B, N, Z), float32
+        dh = dy W,   d weight = sum over tokens of dy^T h,   d bias = sum over tokens of dy
+    Gradients come back in the dtypes of h, weight and bias; d bias is None when bias is.
+    This materialises y and dy whole: the kernels compute the same per chunk of tokens.
+    """
+    e = norm_clamp(eps, h.dtype)
+    h32, w32, z32 = _up(h), _up(weight), _up(z.detach())
+    y = F.linear(h32, w32, None if bias is None else _up(bias))
+    ny, nz = y.norm(dim=-1, keepdim=True), z32.norm(dim=-1, keepdim=True)
+    a, c = ny.clamp_min(e), nz.clamp_min(e)
+    cos = (y * z32).sum(-1, keepdim=True) / (a * c)
+    g = _up(dcos).unsqueeze(-1)
+    dy = g * (z32 / (a * c) - torch.where(ny >= e, cos / (a * a), torch.zeros_like(a)) * y)
+    dh = (dy @ w32).to(h.dtype)
+    dw = dy.reshape(-1, dy.shape[-1]).t() @ h32.reshape(-1, h32.shape[-1])
+    db = None if bias is None else dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype)
+    return dh, dw.to(weight.dtype), db
