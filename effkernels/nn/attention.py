@@ -16,6 +16,9 @@ class VisibleAttention(nn.Module):
 
     Args:
         dim: model width D; num_heads: H, must divide D; qkv_bias: bias on the qkv projection.
+        qk_norm: LayerNorm (eps 1e-5, weight and bias) over each head's q and k before the product, as
+            timm's Attention(qk_norm=True, norm_layer=nn.LayerNorm) that REPA's --qk-norm models use
+            (parameters q_norm.*, k_norm.*).
         backend: passed to effkernels.ops.visible_attention.
     forward(x (B, N, D)) -> (B, N, D): every sample attends over its N tokens (SDPA). With TREAD or
         MaskDiT the N tokens are the ones kept, gathered beforehand.
@@ -26,7 +29,8 @@ class VisibleAttention(nn.Module):
         attention never crosses samples.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, *, backend: str | None = None):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, *, qk_norm: bool = False,
+                 backend: str | None = None):
         super().__init__()
         check_positive_int("dim", dim)
         check_positive_int("num_heads", num_heads)
@@ -36,6 +40,15 @@ class VisibleAttention(nn.Module):
         self.backend = check_backend(backend)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.qk_norm = bool(qk_norm)
+        if self.qk_norm:
+            self.q_norm, self.k_norm = nn.LayerNorm(self.head_dim), nn.LayerNorm(self.head_dim)
+
+    def _norm_qk(self, q: torch.Tensor, k: torch.Tensor):
+        """Per-head LayerNorm of q and k over the head dimension (the last), when qk_norm is on."""
+        if not self.qk_norm:
+            return q, k
+        return self.q_norm(q).to(q.dtype), self.k_norm(k).to(k.dtype)
 
     def forward(self, x: torch.Tensor, *, keep_idx: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
@@ -52,6 +65,7 @@ class VisibleAttention(nn.Module):
                 raise ValueError(f"x must be (B, N, D) without cu_seqlens, got shape {tuple(x.shape)}")
             B, N, D = x.shape
             q, k, v = self.qkv(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh)
+            q, k = self._norm_qk(q, k)
             o = ops.visible_attention(q, k, v, backend=self.backend)
             o = o.transpose(1, 2).reshape(B, N, D)
         else:
@@ -59,9 +73,10 @@ class VisibleAttention(nn.Module):
                 raise ValueError(f"x must be packed (T, D) with cu_seqlens, got shape {tuple(x.shape)}")
             T, D = x.shape
             q, k, v = self.qkv(x).reshape(T, 3, H, Dh).unbind(1)  # (T, H, Dh)
+            q, k = self._norm_qk(q, k)
             o = ops.visible_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                       backend=self.backend).reshape(T, D)
         return self.proj(o)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}"
+        return f"dim={self.dim}, num_heads={self.num_heads}" + (", qk_norm=True" if self.qk_norm else "")

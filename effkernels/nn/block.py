@@ -49,10 +49,12 @@ class DiTBlock(nn.Module):
     Args:
         dim: width D; num_heads: attention heads (divides D); mlp_ratio: MLP hidden = int(D * mlp_ratio);
         eps: LayerNorm epsilon (1e-6 as in DiT); cond_dim: width of c when it differs from D (MaskDiT's
-            512-wide decoder blocks are conditioned on the backbone's c); backend: passed to every op.
+            512-wide decoder blocks are conditioned on the backbone's c); qk_norm: per-head LayerNorm
+            of q and k (REPA's --qk-norm, see VisibleAttention); backend: passed to every op.
     forward(x (B, N, D), c (B, C) per sample or (B, N, C) per token, C = cond_dim or D) -> (B, N, D).
-        With cu_seqlens/max_seqlen, x is packed (T, D) and c must be per token (T, C): attention
-        then runs within each segment only.
+        With cu_seqlens/max_seqlen, x is packed (T, D) and attention runs within each segment only;
+        c is then per sample (S, C) with segment_ids (T,) naming each row's sample (the modulation
+        is computed per sample and broadcast to its rows), or per token (T, C) without segment_ids.
 
     Equal to the official block  x = x + g1 * attn(modulate(norm1(x), s1, sc1));
     x = x + g2 * mlp(modulate(norm2(x), s2, sc2))  with the residual add of the first half fused into
@@ -62,7 +64,8 @@ class DiTBlock(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, eps: float = 1e-6,
-                 qkv_bias: bool = True, cond_dim: int | None = None, backend: str | None = None):
+                 qkv_bias: bool = True, qk_norm: bool = False, cond_dim: int | None = None,
+                 backend: str | None = None):
         super().__init__()
         check_positive_int("dim", dim)
         if cond_dim is not None:
@@ -70,7 +73,7 @@ class DiTBlock(nn.Module):
         check_positive_float("mlp_ratio", mlp_ratio)
         self.backend = check_backend(backend)
         self.norm1 = ModulatedLayerNorm(dim, eps, backend=backend)
-        self.attn = VisibleAttention(dim, num_heads, qkv_bias=qkv_bias, backend=backend)
+        self.attn = VisibleAttention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, backend=backend)
         self.norm2 = GatedResidualModulatedLayerNorm(dim, eps, backend=backend)
         hidden = int(dim * mlp_ratio)
         if hidden < 1:
@@ -80,17 +83,31 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None) -> torch.Tensor:
+                max_seqlen: int | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         packed = cu_seqlens is not None
         if packed:
-            if x.dim() != 2 or c.dim() != 2 or c.shape[0] != x.shape[0]:
+            if segment_ids is not None:
+                if x.dim() != 2 or c.dim() != 2 or segment_ids.shape != (x.shape[0],):
+                    raise ValueError(f"packed x, c and segment_ids must be (T, D), (S, C) and (T,), got "
+                                     f"{tuple(x.shape)}, {tuple(c.shape)} and {tuple(segment_ids.shape)}")
+            elif x.dim() != 2 or c.dim() != 2 or c.shape[0] != x.shape[0]:
                 raise ValueError(f"packed x and c must be (T, D) and (T, C), got {tuple(x.shape)} and {tuple(c.shape)}")
-            # The adaLN ops are written for (B, N, D): a packed sequence is one sample of T tokens.
-            x, c = x.unsqueeze(0), c.unsqueeze(0)
-        if packed:
+
+            def modulation(c):
+                mod = self.adaLN_modulation(c)
+                if segment_ids is not None:
+                    # Conditioning per sample: the modulation is computed once per sample (S, 6D)
+                    # and each packed row takes its sample's row, not a (T x C) linear per token.
+                    mod = mod.index_select(0, segment_ids)
+                # The adaLN ops are written for (B, N, D): a packed sequence is one sample of T tokens.
+                return mod.unsqueeze(0)
+
             def attn(h):
                 return self.attn(h[0], cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).unsqueeze(0)
+            x = x.unsqueeze(0)
         else:
-            attn = self.attn
-        x = adaln_zero(x, c, self.adaLN_modulation, attn, self.mlp, self.norm1, self.norm2, self.residual)
+            if segment_ids is not None:
+                raise ValueError("segment_ids needs packed input (cu_seqlens and max_seqlen)")
+            modulation, attn = self.adaLN_modulation, self.attn
+        x = adaln_zero(x, c, modulation, attn, self.mlp, self.norm1, self.norm2, self.residual)
         return x[0] if packed else x

@@ -77,3 +77,136 @@ class TokenRouter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ratio={self.ratio}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sample token budgets: a different count per sample, packed without padding
+# ---------------------------------------------------------------------------------------------
+
+def check_ratio_range(name: str, lo, hi) -> tuple[float, float]:
+    """(lo, hi) with 0 <= lo <= hi < 1, else a ValueError naming `name` (a CLI option or argument)."""
+    for v in (lo, hi):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0 <= v < 1):
+            raise ValueError(f"{name} must be A:B with 0 <= A <= B < 1, got {lo!r}:{hi!r}")
+    if lo > hi:
+        raise ValueError(f"{name} must be A:B with A <= B, got {lo}:{hi}")
+    return float(lo), float(hi)
+
+
+def draw_ratios(batch: int, lo: float, hi: float, *, generator: torch.Generator | None = None,
+                device=None) -> list[float]:
+    """One ratio per sample, uniform in [lo, hi], from `generator` (on its own device): a host list,
+    since the counts it gives are shapes (read once here, outside any compiled region)."""
+    dev = generator.device if generator is not None else device
+    u = torch.rand(batch, generator=generator, device=dev, dtype=torch.float64)
+    return (lo + (hi - lo) * u).tolist()
+
+
+class TokenPack:
+    """A different number of kept tokens per sample, packed back to back without padding.
+
+    The kept rows of x (B, N, D) are named by flat positions into its (B * N, D) rows, sample-major:
+      rows (T,) int64           b * N + n for every kept token n of sample b (ascending n when sorted)
+      seg (T,) int64            the sample b each packed row belongs to (broadcasts conditioning)
+      cu_seqlens (B + 1,) int32 sample b owns packed rows cu_seqlens[b]:cu_seqlens[b + 1]
+      max_seqlen int            the largest count, for the varlen attention
+      counts tuple of ints      the count of every sample (host side; nothing in a forward reads it)
+    Everything is built on the host before the forward, so a compiled model reads plain tensors and
+    one int and never syncs. gather/scatter go through effkernels.ops.route_gather/route_scatter
+    with the flat index on x viewed as one (1, B * N, D) sequence, so the packed form reuses the
+    routing kernels, their autograd and their duplicate-free contract.
+    Build one with TokenPack.draw (random, per-sample counts) or TokenPack.from_indices (checked).
+    """
+
+    def __init__(self, rows, seg, cu_seqlens, max_seqlen: int, counts, num_tokens: int):
+        self.rows, self.seg, self.cu_seqlens = rows, seg, cu_seqlens
+        self.max_seqlen, self.counts, self.num_tokens = int(max_seqlen), tuple(counts), int(num_tokens)
+        self.batch = len(self.counts)
+
+    @property
+    def total(self) -> int:
+        """T, the packed rows."""
+        return self.rows.shape[0]
+
+    @classmethod
+    def _build(cls, rows: torch.Tensor, counts: list[int], num_tokens: int) -> "TokenPack":
+        dev = rows.device
+        c = torch.tensor(counts, dtype=torch.int64)
+        cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
+        cu[1:] = c.cumsum(0)
+        seg = torch.repeat_interleave(torch.arange(len(counts)), c)
+        return cls(rows, seg.to(dev), cu.to(dev), max(counts) if counts else 1, counts, num_tokens)
+
+    @classmethod
+    def draw(cls, counts, num_tokens: int, *, generator: torch.Generator | None = None, device=None,
+             sort: bool = True) -> "TokenPack":
+        """counts[b] distinct positions of [0, num_tokens) per sample, uniform without replacement.
+
+        One random permutation per sample (argsort of uniform noise, the draw effkernels.ops.draw_route
+        makes), truncated to that sample's count; sorted within the sample unless sort=False. With
+        every count equal to K this keeps exactly the positions draw_route(B, N, K) keeps from the
+        same generator state."""
+        counts = [int(k) for k in counts]
+        if not counts or any(k < 1 or k > num_tokens for k in counts):
+            raise ValueError(f"counts must be a non-empty list of ints in [1, {num_tokens}], got {counts}")
+        B, N = len(counts), num_tokens
+        noise = torch.rand(B, N, generator=generator, device=device)
+        perm = noise.argsort(dim=1)  # (B, N): rank -> position
+        k = torch.tensor(counts, device=perm.device)
+        take = torch.arange(N, device=perm.device) < k[:, None]  # (B, N) by rank: within the budget
+        offset = torch.arange(B, device=perm.device)[:, None] * N
+        if sort:
+            keep = torch.zeros(B, N, dtype=torch.bool, device=perm.device).scatter_(1, perm, take)
+            rows = keep.view(-1).nonzero().view(-1)  # row-major: sample-major, ascending positions
+        else:
+            rows = (perm + offset)[take]  # sample-major, in draw order
+        return cls._build(rows, counts, N)
+
+    @classmethod
+    def from_indices(cls, indices, num_tokens: int) -> "TokenPack":
+        """A pack from one 1-D index per sample (positions in [0, num_tokens), distinct), checked."""
+        rows, counts = [], []
+        for b, idx in enumerate(indices):
+            if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"indices[{b}] must be a 1-D int32/int64 tensor, got {getattr(idx, 'shape', idx)}")
+            if idx.numel() == 0:
+                raise ValueError(f"indices[{b}] is empty: every sample keeps at least one token")
+            ops.check_route_index(idx.view(1, -1), num_tokens, name=f"indices[{b}]")
+            rows.append(idx.long() + b * num_tokens)
+            counts.append(idx.numel())
+        if not rows:
+            raise ValueError("indices must hold one index per sample, got none")
+        return cls._build(torch.cat(rows), counts, num_tokens)
+
+    def check(self, batch: int, num_tokens: int, name: str) -> None:
+        """Static agreement with x (B, N, ...): no host sync."""
+        if self.batch != batch or self.num_tokens != num_tokens:
+            raise ValueError(f"{name} packs {self.batch} samples of {self.num_tokens} tokens, "
+                             f"but x has {batch} samples of {num_tokens}")
+
+    def gather(self, x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+        """x (B, N, D) -> the kept rows packed (T, D)."""
+        B, N, D = x.shape
+        out = ops.route_gather(x.reshape(1, B * N, D), self.rows.view(1, -1), backend=backend, check_idx=False)
+        return out.view(-1, D)
+
+    def scatter(self, full: torch.Tensor, sub: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+        """full (B, N, D) with the kept rows replaced by sub (T, D), out of place: -> (B, N, D)."""
+        B, N, D = full.shape
+        out = ops.route_scatter(full.reshape(1, B * N, D), sub.reshape(1, -1, D), self.rows.view(1, -1),
+                                backend=backend, check_idx=False)
+        return out.view(B, N, D)
+
+    def expand(self, v: torch.Tensor) -> torch.Tensor:
+        """Per-sample rows (B, C) -> per packed row (T, C): row t gets v[seg[t]]."""
+        return v.index_select(0, self.seg)
+
+    def mask(self, dtype=torch.float32) -> torch.Tensor:
+        """(B, N): 1 where a token is kept, 0 elsewhere."""
+        B, N = self.batch, self.num_tokens
+        zeros = torch.zeros(1, B * N, 1, dtype=dtype, device=self.rows.device)
+        ones = torch.ones(1, self.total, 1, dtype=dtype, device=self.rows.device)
+        return ops.route_scatter(zeros, ones, self.rows.view(1, -1), check_idx=False).view(B, N)
+
+    def __repr__(self) -> str:
+        return f"TokenPack(batch={self.batch}, num_tokens={self.num_tokens}, counts={list(self.counts)})"

@@ -8,7 +8,10 @@ unchanged through effkernels.models.convert), with three additions used by the t
     tokens per sample, the others skip them and re-enter unchanged; `model.draw_routes(...)` draws
     the subsets beforehand (what torch.compile needs);
   - MaskDiT's encoder: `keep_idx` (B, K) runs the whole network on those tokens only and returns
-    tokens (B, K, p*p*C_out) instead of an image.
+    tokens (B, K, p*p*C_out) instead of an image;
+  - per-sample token budgets: a route's idx or keep_idx may be an effkernels.nn.routing.TokenPack
+    (a different count per sample), and the blocks then run on the kept tokens packed without
+    padding, (T, D) with cu_seqlens, attention within each sample, conditioning broadcast per sample.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from torch import nn
 
 from effkernels import ops
 from effkernels.nn import DiTBlock, ModulatedLayerNorm
-from effkernels.nn.routing import keep_count
+from effkernels.nn.routing import TokenPack, keep_count
 from effkernels.nn._common import check_backend, check_positive_int, check_ratio
 
 
@@ -123,10 +126,13 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         mod = self.adaLN_modulation(c)
+        if segment_ids is not None:  # packed x (T, D): each row takes its sample's modulation
+            mod, x = mod.index_select(0, segment_ids).unsqueeze(0), x.unsqueeze(0)
         shift, scale = mod.to(x.dtype).chunk(2, dim=-1)  # (B, D) strided views
-        return self.linear(self.norm_final(x, shift, scale))
+        out = self.linear(self.norm_final(x, shift, scale))
+        return out if segment_ids is None else out[0]
 
 
 #################################################################################
@@ -148,12 +154,17 @@ class Route:
         index (B, K) int32/int64, K distinct positions per sample. Pre-drawn routes are what
         torch.compile needs: draw them outside the compiled region (`route.draw(...)`,
         `DiT.draw_routes(...)`), pass them in; forward then draws nothing and builds nothing.
+        Or a TokenPack (a different count per sample, drawn by the caller): ratio is then only a
+        label, the pack's counts decide, and the routed blocks run on packed rows.
+    checked: idx was drawn by ops.draw_route, valid by construction, so forward skips its value
+        check (a host sync); an index a user builds stays checked.
     """
     start: int
     end: int
     ratio: float = 0.5
     # Not compared or hashed (a tensor has no truth value) and not printed (it is B x K numbers).
-    idx: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    idx: torch.Tensor | TokenPack | None = field(default=None, compare=False, repr=False)
+    checked: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self):
         check_positive_int("Route.start", self.start)
@@ -161,10 +172,11 @@ class Route:
         if self.end < self.start:
             raise ValueError(f"Route.end ({self.end}) must be >= Route.start ({self.start})")
         check_ratio("Route.ratio", self.ratio)
-        if self.idx is not None and (not isinstance(self.idx, torch.Tensor) or self.idx.dim() != 2
-                                     or self.idx.dtype not in (torch.int32, torch.int64)):
+        if self.idx is not None and not isinstance(self.idx, TokenPack) and (
+                not isinstance(self.idx, torch.Tensor) or self.idx.dim() != 2
+                or self.idx.dtype not in (torch.int32, torch.int64)):
             got = tuple(self.idx.shape) if isinstance(self.idx, torch.Tensor) else type(self.idx).__name__
-            raise TypeError(f"Route.idx must be None or a (B, K) int32/int64 tensor, got {got}")
+            raise TypeError(f"Route.idx must be None, a (B, K) int32/int64 tensor or a TokenPack, got {got}")
 
     def keep(self, num_tokens: int) -> int:
         """K, the tokens this route's blocks process out of num_tokens: N - round(N * ratio)."""
@@ -185,7 +197,8 @@ class DiT(nn.Module):
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 num_classes: int = 1000, learn_sigma: bool = False, backend: str | None = None):
+                 num_classes: int = 1000, learn_sigma: bool = False, qk_norm: bool = False,
+                 backend: str | None = None):
         super().__init__()
         for name, v in (("input_size", input_size), ("patch_size", patch_size), ("in_channels", in_channels),
                         ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads),
@@ -202,6 +215,7 @@ class DiT(nn.Module):
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.hidden_size, self.depth, self.num_heads, self.num_classes = hidden_size, depth, num_heads, num_classes
         self.learn_sigma = learn_sigma
+        self.qk_norm = bool(qk_norm)  # REPA's --qk-norm: per-head LayerNorm of q and k in every block
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
@@ -211,7 +225,8 @@ class DiT(nn.Module):
         # Fixed, not learned; persistent so official checkpoints (which store it) load strictly.
         self.register_buffer("pos_embed", get_2d_sincos_pos_embed(hidden_size, grid).unsqueeze(0))  # (1, N, D)
         self.blocks = nn.ModuleList([
-            DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, backend=backend) for _ in range(depth)
+            DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, backend=backend)
+            for _ in range(depth)
         ])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, backend=backend)
         self.initialize_weights()
@@ -339,12 +354,15 @@ class DiT(nn.Module):
                 # Drawn here: valid by construction. ratio 0 routes nothing (idx None: no copy).
                 if r.ratio > 0:
                     idx = ops.draw_route(batch, num_tokens, r.keep(num_tokens), generator=generator, device=device)
+            elif isinstance(idx, TokenPack):
+                idx.check(batch, num_tokens, f"routes[{i}].idx")  # built by TokenPack: valid by construction
             else:
                 want = (batch, r.keep(num_tokens))
                 if tuple(idx.shape) != want:
                     raise ValueError(f"routes[{i}].idx must have shape (B, N - round(N * ratio))={want} "
                                      f"for N={num_tokens}, ratio={r.ratio}, got {tuple(idx.shape)}")
-                ops.check_route_index(idx, num_tokens, batch=batch, name=f"routes[{i}].idx")
+                if not r.checked:  # shape and dtype are checked above and in Route
+                    ops.check_route_index(idx, num_tokens, batch=batch, name=f"routes[{i}].idx")
             plan[r.start] = (r.end, idx)
         return plan
 
@@ -366,11 +384,14 @@ class DiT(nn.Module):
             or `Route(3, 9, 0.5).draw(B, N)`) uses that index, (B, N - round(N * ratio)), checked
             once per forward in eager mode. Pre-drawn routes are the form for torch.compile
             (fullgraph): forward then draws nothing. Applied whenever given: turning routing off at
-            inference is the caller's choice.
+            inference is the caller's choice. A Route whose idx is a TokenPack (a count per sample)
+            runs its blocks on the packed rows (T, D) and scatters them back after `end`.
         keep_idx: (B, K) int positions of the tokens the network sees (MaskDiT's encoder); the
             output is then tokens (B, K, p*p*C_out), not an image (unpatchify needs all N), and
             hidden states are (B, K, D). Checked once per forward in eager mode; routes then apply
-            to the K kept tokens.
+            to the K kept tokens. A TokenPack instead (a different count per sample): the network
+            runs on the packed rows and returns out (T, p*p*C_out), hidden states (T, D), row
+            order the pack's; no routes then.
         Index values (range, duplicates) are checked with a host sync, skipped under torch.compile
         and when EFFKERNELS_CHECK_INDICES=0; the ops that share an index never check it again.
         Returns out, or (out, hidden) when return_hidden is non-empty.
@@ -378,7 +399,13 @@ class DiT(nn.Module):
         want, last, routes = self._check_plan(return_hidden, stop_at, routes)
         h, c = self.embed(x, t, y, force_drop_ids)  # (B, N, D), (B, D)
         be = self.backend
-        if keep_idx is not None:
+        pack = None  # the TokenPack h is packed by, while the blocks run on packed rows (T, D)
+        if isinstance(keep_idx, TokenPack):
+            if routes:
+                raise ValueError("routes cannot run inside a packed keep_idx (a TokenPack): give one token plan")
+            keep_idx.check(h.shape[0], h.shape[1], "keep_idx")
+            h, pack = keep_idx.gather(h, backend=be), keep_idx  # (T, D)
+        elif keep_idx is not None:
             ops.check_route_index(keep_idx, h.shape[1], batch=h.shape[0], name="keep_idx")
             h = ops.route_gather(h, keep_idx, backend=be, check_idx=False)  # (B, K, D)
         plan = self._route_indices(routes, h.shape[0], h.shape[1], h.device, generator)
@@ -388,11 +415,18 @@ class DiT(nn.Module):
             if d in plan:
                 end, idx = plan[d]
                 active = (idx, h, end)
-                if idx is not None:
+                if isinstance(idx, TokenPack):
+                    h, pack = idx.gather(h, backend=be), idx  # (T, D)
+                elif idx is not None:
                     h = ops.route_gather(h, idx, backend=be, check_idx=False)
-            h = block(h, c)
+            if pack is None:
+                h = block(h, c)
+            else:
+                h = block(h, c, cu_seqlens=pack.cu_seqlens, max_seqlen=pack.max_seqlen, segment_ids=pack.seg)
             if active is not None and d == active[2]:
                 h = self._restore(active, h)
+                if isinstance(active[0], TokenPack):
+                    pack = None
                 active = None
             if d in want:
                 hidden[d] = h if active is None else self._restore(active, h)
@@ -400,7 +434,7 @@ class DiT(nn.Module):
                 break
         out = None
         if stop_at is None:
-            out = self.final_layer(h, c)  # (B, N or K, p*p*C_out)
+            out = self.final_layer(h, c, None if pack is None else pack.seg)  # (B, N or K, p*p*C_out) or (T, .)
             if keep_idx is None:
                 out = self.unpatchify(out)  # (B, C_out, H, W)
         return (out, hidden) if want else out
@@ -408,6 +442,8 @@ class DiT(nn.Module):
     def _restore(self, active, h):
         """The full sequence saved before a route with its routed rows replaced by h (out of place)."""
         idx, full, _ = active
+        if isinstance(idx, TokenPack):
+            return idx.scatter(full, h, backend=self.backend)
         return h if idx is None else ops.route_scatter(full, h, idx, backend=self.backend, check_idx=False)
 
     @torch.no_grad()

@@ -15,6 +15,13 @@ part is the flow loss and the MAE term stays as specified. The unmasked fine-tun
 method resumed with --mask-ratio 0 (the decoder then sees no mask tokens, no MAE term). The
 decoder is part of the generator: EMA-averaged and used by sampling, which runs unmasked.
 The backbone's own final layer is unused by this method (find_unused_parameters).
+
+Per-sample budgets (beyond the paper): --mask-ratio-range A:B draws each sample's ratio uniformly in
+[A, B], K_b = int(N (1 - r_b)); the encoder runs on the kept tokens packed without padding
+(effkernels.nn.routing.TokenPack: varlen attention within each sample, adaLN per sample broadcast to
+its rows), the bridge too, and the decoder on all N. The losses average as with a fixed ratio: the
+flow loss over each sample's kept tokens, the MAE over its masked ones, each a per-sample mean, then
+the mean over the batch (a sample that masks nothing, r_b = 0, adds 0 to the MAE mean).
 """
 from __future__ import annotations
 
@@ -23,11 +30,13 @@ from torch import nn
 
 from effkernels import ops
 from effkernels.nn import DiTBlock, ModulatedLayerNorm
+from effkernels.nn.routing import TokenPack, draw_ratios
 
 from ..backbone import get_2d_sincos_pos_embed
 from ..objectives import interpolate, mean_prediction, velocity_target
 from . import register_method
 from .base import ConfigError, Method, draw_label_dropout
+from .tread import parse_ratio_range
 
 # Widths from which the paper's decoder (8 blocks of width 512, 16 heads) is the default: the DiT sizes.
 PAPER_DECODER_FROM_WIDTH = 384
@@ -47,9 +56,13 @@ class AdaLNLinear(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).to(x.dtype).chunk(2, dim=-1)  # (B, D) strided views
-        return self.linear(self.norm(x, shift, scale))
+    def forward(self, x: torch.Tensor, c: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        mod = self.adaLN_modulation(c)
+        if segment_ids is not None:  # packed x (T, D): each row takes its sample's modulation
+            mod, x = mod.index_select(0, segment_ids).unsqueeze(0), x.unsqueeze(0)
+        shift, scale = mod.to(x.dtype).chunk(2, dim=-1)  # (B, D) strided views
+        out = self.linear(self.norm(x, shift, scale))
+        return out if segment_ids is None else out[0]
 
 
 class MaskDecoder(nn.Module):
@@ -74,10 +87,16 @@ class MaskDecoder(nn.Module):
             nn.init.zeros_(blk.adaLN_modulation[-1].bias)
         self.final = AdaLNLinear(width, p * p * backbone.out_channels, d)
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor, keep_idx: torch.Tensor | None) -> torch.Tensor:
-        """h (B, K, D) encoder tokens at keep_idx (or (B, N, D) with keep_idx None), c (B, D)
-        -> (B, N, p*p*C_out) predictions for every patch."""
-        x = self.bridge(h, c)  # (B, K, D_dec)
+    def forward(self, h: torch.Tensor, c: torch.Tensor, keep_idx: torch.Tensor | TokenPack | None) -> torch.Tensor:
+        """h (B, K, D) encoder tokens at keep_idx (or (B, N, D) with keep_idx None, or packed (T, D)
+        with keep_idx a TokenPack), c (B, D) -> (B, N, p*p*C_out) predictions for every patch."""
+        if isinstance(keep_idx, TokenPack):
+            x = self.bridge(h, c, keep_idx.seg)  # (T, D_dec)
+            full = self.mask_token.to(x.dtype).expand(c.shape[0], self.num_tokens, -1).contiguous()
+            x = keep_idx.scatter(full, x)  # (B, N, D_dec)
+            keep_idx = None
+        else:
+            x = self.bridge(h, c)  # (B, K, D_dec)
         if keep_idx is not None:
             full = self.mask_token.to(x.dtype).expand(x.shape[0], self.num_tokens, -1).contiguous()
             x = ops.route_scatter(full, x, keep_idx, check_idx=False)  # (B, N, D_dec); drawn here, valid
@@ -130,6 +149,9 @@ class MaskDiT(Method):
     def add_args(group) -> None:
         group.add_argument("--mask-ratio", type=float, default=0.5,
                            help="fraction of tokens masked per sample (maskdit); 0 = the unmasked fine-tune stage")
+        group.add_argument("--mask-ratio-range", default=None, metavar="A:B",
+                           help="per-sample budgets: each sample's mask ratio drawn uniformly in [A, B] "
+                                "(0 <= A <= B < 1) instead of --mask-ratio, kept tokens packed without padding")
         group.add_argument("--mae-weight", type=float, default=0.1, help="weight of the MAE term on masked tokens")
         group.add_argument("--decoder-depth", type=int, default=None,
                            help="decoder blocks; default 8 (the paper) for widths >= 384, else 2 (tiny models: "
@@ -158,14 +180,24 @@ class MaskDiT(Method):
         self.keep = int(model.num_patches * (1 - self.ratio))
         if self.keep < 1:
             raise ConfigError(f"--mask-ratio {self.ratio} keeps no token of {model.num_patches}")
+        self.ratio_range = parse_ratio_range("--mask-ratio-range", getattr(args, "mask_ratio_range", None))
+        if self.ratio_range is not None and self.keep_count(self.ratio_range[1]) < 1:
+            raise ConfigError(f"--mask-ratio-range: ratio {self.ratio_range[1]} keeps no token of {model.num_patches}")
+
+    def keep_count(self, ratio: float) -> int:
+        """K = int(N (1 - ratio)), the paper's exact count."""
+        return int(self.backbone.num_patches * (1 - ratio))
 
     def modules(self):
         return {"decoder": self.decoder}
 
     def forward_options(self, model, batch, step):
+        x, g = batch["x"], batch.get("generator")
+        if self.ratio_range is not None:
+            counts = [self.keep_count(r) for r in draw_ratios(x.shape[0], *self.ratio_range, generator=g)]
+            return {"keep_idx": TokenPack.draw(counts, self.backbone.num_patches, generator=g, device=x.device)}
         if self.ratio == 0:
             return {}
-        x, g = batch["x"], batch.get("generator")
         return {"keep_idx": ops.draw_route(x.shape[0], self.backbone.num_patches, self.keep, generator=g,
                                            device=x.device)}
 
@@ -189,6 +221,16 @@ class MaskDiT(Method):
         if keep_idx is None:
             flow = err.mean(1)
             res = {"loss": flow.mean(), "loss_per_sample": flow.detach()}
+        elif isinstance(keep_idx, TokenPack):
+            # Per-sample means over each sample's own kept / masked tokens, then the batch mean: the
+            # fixed-count weighting, with a count per sample. Masked sums by a 0/1 mask, not a gather.
+            kept = keep_idx.mask()  # (B, N)
+            n_kept = kept.sum(1)
+            flow = (err * kept).sum(1) / n_kept
+            mae_err = (pred - patch_normalize(bb.patchify(x_t).float())).pow(2).mean(-1)
+            mae = (mae_err * (1 - kept)).sum(1) / (bb.num_patches - n_kept).clamp(min=1)
+            res = {"loss": flow.mean() + self.mae_weight * mae.mean(), "loss_flow": flow.mean().detach(),
+                   "loss_mae": mae.mean().detach(), "loss_per_sample": flow.detach()}
         else:
             flow = ops.route_gather(err.unsqueeze(-1), keep_idx, check_idx=False)[..., 0].mean(1)  # kept tokens
             masked = ops.complement(keep_idx, bb.num_patches)

@@ -7,6 +7,12 @@ generator), so a compiled backbone sees plain index tensors. Routing is on in tr
 evaluation and sampling run dense unless --route-eval forces it. The paper's dense fine-tune stage
 is this method resumed with --route-ratio 0 (no routes).
 
+Per-sample budgets (beyond the paper): --route-ratio-range A:B draws every route's ratio per sample,
+uniform in [A, B], so samples process different token counts; the processed tokens are packed
+without padding (effkernels.nn.routing.TokenPack) and the routed blocks run on the packed rows
+(varlen attention within each sample). The loss is unchanged: the flow objective on all tokens of
+every sample, each sample weighted 1/B as with a fixed ratio.
+
 Sparse guidance (optional, at sampling): two conditional forwards with forced routing rates, strong
 0.3 and weak 0.7 over the same blocks, combined v = v_weak + s (v_strong - v_weak), s = 1.5 (the
 follow-up paper's definition; the released code's unconditional branches are a defect not copied).
@@ -19,6 +25,7 @@ import torch
 from torch import nn
 
 from effkernels import ops
+from effkernels.nn.routing import TokenPack, check_ratio_range, draw_ratios, keep_count
 
 from ..backbone import Route
 from ..objectives import mean_prediction
@@ -50,6 +57,21 @@ def parse_route(spec: str, ratio: float) -> Route:
         raise ConfigError(f"--route {spec!r}: {e}") from None
 
 
+def parse_ratio_range(option: str, spec) -> tuple[float, float] | None:
+    """'A:B' -> (A, B) with 0 <= A <= B < 1, or None for None; errors name `option`."""
+    if spec is None:
+        return None
+    try:
+        parts = str(spec).split(":")
+        if len(parts) != 2:
+            raise ValueError(f"expected A:B, got {spec!r}")
+        lo, hi = float(parts[0]), float(parts[1])
+        return check_ratio_range(option, lo, hi)
+    except ValueError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(option) else f"{option} {spec!r}: {msg}") from None
+
+
 @register_method("tread")
 class TREAD(Method):
     """Routed blocks in training, the flow objective on every token, dense evaluation."""
@@ -64,6 +86,10 @@ class TREAD(Method):
         group.add_argument("--route", action="append", default=None, metavar="START:END[:RATIO]",
                            help="route blocks START..END (1-based, inclusive) at RATIO (default --route-ratio); "
                                 "repeatable, sorted and non-overlapping, each drawn independently")
+        group.add_argument("--route-ratio-range", default=None, metavar="A:B",
+                           help="per-sample budgets: every route draws each sample's ratio uniformly in [A, B] "
+                                "(0 <= A <= B < 1) instead of --route-ratio, so samples keep different token "
+                                "counts, packed without padding; --route then takes START:END only")
         group.add_argument("--route-unsorted", action="store_true",
                            help="processed tokens in random order (default: kept in raster order, for backbones "
                                 "whose blocks care about order)")
@@ -77,6 +103,14 @@ class TREAD(Method):
             raise ConfigError(f"--route-ratio must lie in [0, 1), got {ratio}")
         specs = getattr(args, "route", None)
         depth = model.depth if model is not None else None
+        self.ratio_range = parse_ratio_range("--route-ratio-range", getattr(args, "route_ratio_range", None))
+        if self.ratio_range is not None:
+            # The routes' ratio is then a label (the range's top); the draw decides each sample's.
+            ratio = self.ratio_range[1]
+            bad = [s for s in specs or () if len(s.split(":")) == 3]
+            if bad:
+                raise ConfigError(f"--route {bad[0]!r}: with --route-ratio-range give START:END only "
+                                  "(every route draws its per-sample ratios from the range)")
         if specs:
             self.routes = [parse_route(s, ratio) for s in specs]
         else:
@@ -88,14 +122,28 @@ class TREAD(Method):
                 raise ConfigError(f"--route: {e}") from None
         self.routes = [r for r in self.routes if r.ratio > 0]
         self.num_tokens = model.num_patches if model is not None else None
+        if self.ratio_range is not None and self.num_tokens is not None:
+            try:
+                keep_count(self.num_tokens, self.ratio_range[1])
+            except ValueError as e:
+                raise ConfigError(f"--route-ratio-range: {e}") from None
         self.sort = not getattr(args, "route_unsorted", False)
         self.route_eval = bool(getattr(args, "route_eval", False))
 
     def draw(self, batch: int, generator: torch.Generator | None, device) -> list[Route]:
-        """Every route with its own keep index (batch, K), drawn now from `generator`."""
+        """Every route with its own keep index (batch, K), drawn now from `generator`; with a ratio
+        range, its own per-sample ratios and a TokenPack of the counts they give (K_b = N - round(N r_b)).
+        Drawn by draw_route or TokenPack, so forward skips the index check (checked=True)."""
         n = self.num_tokens
-        return [replace(r, idx=ops.draw_route(batch, n, r.keep(n), generator=generator, device=device, sort=self.sort))
-                for r in self.routes]
+        if self.ratio_range is None:
+            return [replace(r, idx=ops.draw_route(batch, n, r.keep(n), generator=generator, device=device,
+                                                  sort=self.sort), checked=True)
+                    for r in self.routes]
+        out = []
+        for r in self.routes:
+            counts = [keep_count(n, q) for q in draw_ratios(batch, *self.ratio_range, generator=generator)]
+            out.append(replace(r, idx=TokenPack.draw(counts, n, generator=generator, device=device, sort=self.sort)))
+        return out
 
     def forward_options(self, model, batch, step):
         if not self.routes or not model.training:
