@@ -11,6 +11,7 @@ import pytest
 import torch
 from effkernels.models.objectives import score_from_velocity
 from effkernels.models.sample import guided_velocity, sample, save_grid
+from helpers import rel_err
 
 
 def random_spd(g, d=2):
@@ -89,6 +90,9 @@ def test_exact_score_matches_score_from_velocity(target):
 # remainder: measured on lam in [0.05, 100] at 8 and 20 steps, Euler's error is 0.83..0.97 of its
 # leading term and Heun's at most 1.26 of its bound (the remainder is O(h) relative, h <= 1/8).
 # random_spd's eigenvalues lie in [0.2, 0.2 + 0.3 chi2_4]: P(lam > 100) = P(chi2_4 > 333) < 1e-70.
+# Heun as REPA runs it (the default) skips the corrector on the last step, a plain Euler step into
+# t = 0: its local error (h^2/2)(b' + b^2) at s = 1, with b(1) = 1 and b'(1) = (1 - lam) / lam, adds
+# h^2 / (2 lam) to the bound, still second order; heun_last_corrector=True keeps the bound above.
 ERR_FACTOR = 1.5
 
 _T = torch.linspace(0, 1, 20001, dtype=torch.float64)
@@ -103,9 +107,10 @@ def euler_constant(lam):
     return 0.5 * (torch.trapezoid(_a(lam) ** 2, _T).item() + 2)
 
 
-def heun_constant(lam):
+def heun_constant(lam, last_corrector=True):
     """Bound on the leading coefficient of Heun's relative error: error <~ constant * h^2."""
-    return abs(1 - lam**2) / (12 * lam) + torch.trapezoid(_a(lam).abs() ** 3, _T).item() / 6
+    full = abs(1 - lam**2) / (12 * lam) + torch.trapezoid(_a(lam).abs() ** 3, _T).item() / 6
+    return full if last_corrector else full + 1 / (2 * lam)
 
 
 def exact_flow_error(model, out, noise, cls):
@@ -122,16 +127,20 @@ def test_ode_samplers_match_the_exact_flow_at_their_order(target, steps):
     y = torch.full((n,), 1, dtype=torch.long)
     noise = torch.randn(n, 2, generator=g, dtype=torch.float64)
     lams = torch.linalg.eigvalsh(model.cov).tolist()
-    errs = {s: exact_flow_error(model, sample(model, y, noise=noise, sampler=s, steps=steps, clamp=None), noise, 1)
+    errs = {s: exact_flow_error(model, sample(model, y, noise=noise, sampler=s, steps=steps), noise, 1)
             for s in ("euler", "heun")}
+    errs["heun_full"] = exact_flow_error(
+        model, sample(model, y, noise=noise, sampler="heun", steps=steps, heun_last_corrector=True), noise, 1)
     k_euler = [euler_constant(lam) for lam in lams]
-    k_heun = max(heun_constant(lam) for lam in lams)
-    print(steps, lams, errs, k_euler, k_heun)
+    k_heun = max(heun_constant(lam, last_corrector=False) for lam in lams)
+    k_full = max(heun_constant(lam) for lam in lams)
+    print(steps, lams, errs, k_euler, k_heun, k_full)
     # first order, two-sided: a higher-order (or a wrong) integrator fails the lower bound
     assert min(k_euler) * h / ERR_FACTOR <= errs["euler"] <= max(k_euler) * h * ERR_FACTOR, (errs, k_euler)
-    # second order: any first-order method exceeds this at 20 steps
+    # second order: any first-order method exceeds these at 20 steps
     assert errs["heun"] <= k_heun * h**2 * ERR_FACTOR, (errs, k_heun)
-    assert errs["heun"] < errs["euler"], errs
+    assert errs["heun_full"] <= k_full * h**2 * ERR_FACTOR, (errs, k_full)
+    assert errs["heun_full"] < errs["heun"] < errs["euler"], errs
 
 
 def test_euler_converges_at_first_order(target):
@@ -149,21 +158,27 @@ def test_euler_converges_at_first_order(target):
 # -----------------------------------------------------------------------------------------------
 
 
-def em_chain_moments(model, cls, steps):
+def em_chain_moments(model, cls, steps, last_step=0.04):
     """Mean and covariance of the Euler-Maruyama chain's output, exactly: v = M_t x + c_t is affine,
-    each step x' = G x + g + sqrt(2 t h) z (the last a plain Euler step, G = I - h M_t), so the
-    output is Gaussian with m' = G m + g, P' = G P G^T + 2 t h I from x_1 ~ N(0, I)."""
+    each step x' = G x + g + sqrt(2 t h) z, so the output is Gaussian with m' = G m + g,
+    P' = G P G^T + 2 t h I from x_1 ~ N(0, I). REPA's grid (last_step): steps - 1 noisy steps from 1
+    to last_step, then one of last_step with the SDE drift and no noise; None: the uniform grid to 0
+    with a plain Euler last step."""
     eye, mu, cov = torch.eye(2, dtype=torch.float64), model.mus[cls], model.cov
     m, p = torch.zeros(2, dtype=torch.float64), eye.clone()
-    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    if last_step is None:
+        ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    else:
+        ts = torch.linspace(1.0, last_step, steps, dtype=torch.float64).tolist() + [0.0]
     for i in range(steps):
         t, h = ts[i], ts[i] - ts[i + 1]
         mt = (t * eye - (1 - t) * cov) @ torch.linalg.inv((1 - t) ** 2 * cov + t**2 * eye)
         ct = -mu - (1 - t) * mt @ mu
-        if i == steps - 1:
+        last = i == steps - 1
+        if last and last_step is None:
             gm, gv, q = eye - h * mt, -h * ct, 0.0
         else:  # drift (2 - t) v + x
-            gm, gv, q = eye - h * ((2 - t) * mt + eye), -h * (2 - t) * ct, 2 * t * h
+            gm, gv, q = eye - h * ((2 - t) * mt + eye), -h * (2 - t) * ct, 0.0 if last else 2 * t * h
         m, p = gm @ m + gv, gm @ p @ gm.T + q * eye
     return m, p
 
@@ -174,14 +189,15 @@ def em_chain_moments(model, cls, steps):
 K_SE = 7.0
 
 
-def test_sde_sampler_reaches_target(target):
+@pytest.mark.parametrize("last_step", [0.04, None])
+def test_sde_sampler_reaches_target(target, last_step):
     model, g = target
     n, steps = 10000, 100
     y = torch.full((n,), 2, dtype=torch.long)
     out = sample(model, y, noise=torch.randn(n, 2, generator=g, dtype=torch.float64), sampler="euler-maruyama",
-                 steps=steps, generator=g, clamp=None)
+                 steps=steps, generator=g, sde_last_step=last_step)
     mu, cov = model.mus[2], model.cov
-    m_h, p_h = em_chain_moments(model, 2, steps)
+    m_h, p_h = em_chain_moments(model, 2, steps, last_step)
     # discretisation: the mean part is integrated exactly; the covariance has weak order 1, bias c h
     # with c measured 1.0 (lam <= 1) .. 8 (lam = 100), h = 0.01
     assert (m_h - mu).norm() <= 1e-9 * (1 + mu.norm()), (m_h, mu)
@@ -263,3 +279,121 @@ def test_save_grid_writes_png(tmp_path, seed):
     assert (arr[:4] == 255).all() and (arr[:, :4] == 255).all()  # padding is white
     with pytest.raises(ValueError, match="images must be"):
         save_grid(torch.rand(2, 2, 8, 8), str(tmp_path / "bad.png"))
+
+
+# -----------------------------------------------------------------------------------------------
+# REPA's samplers (samplers.py), written here from their code, on a REPA checkpoint
+# -----------------------------------------------------------------------------------------------
+# REPA integrates in float64 and calls the network in the latents' dtype; its CFG is decided at the
+# step's t_cur (also for Heun's corrector) and mixes all channels. The SDE's noise is drawn here from
+# the same generator, float32 as ours, in the same order, so the chains are the same chain.
+
+
+def _repa_forward(model, x, t, y, y_null, cfg_scale, guided, dtype):
+    if guided:
+        x, y = torch.cat([x, x]), torch.cat([y, y_null])
+    out = model(x.to(dtype), (torch.ones(x.shape[0], dtype=torch.float64) * t).to(dtype), y)[0].to(torch.float64)
+    if guided:
+        cond, uncond = out.chunk(2)
+        out = uncond + cfg_scale * (cond - uncond)
+    return out
+
+
+def repa_euler(model, latents, y, num_steps, heun, cfg_scale, low, high, null):
+    y_null = torch.full_like(y, null)
+    ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    x = latents.to(torch.float64)
+    for i, (tc, tn) in enumerate(zip(ts[:-1], ts[1:])):
+        g = cfg_scale > 1 and low <= tc <= high
+        d = _repa_forward(model, x, tc, y, y_null, cfg_scale, g, latents.dtype)
+        x_next = x + (tn - tc) * d
+        if heun and i < num_steps - 1:
+            d2 = _repa_forward(model, x_next, tn, y, y_null, cfg_scale, g, latents.dtype)  # g from t_cur
+            x_next = x + (tn - tc) * (0.5 * d + 0.5 * d2)
+        x = x_next
+    return x
+
+
+def repa_euler_maruyama(model, latents, y, num_steps, cfg_scale, low, high, null, gen):
+    y_null = torch.full_like(y, null)
+    ts = torch.cat([torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64)])
+
+    def drift(x, tc):
+        g = cfg_scale > 1 and low <= tc <= high
+        xin, yin = (torch.cat([x, x]), torch.cat([y, y_null])) if g else (x, y)
+        tin = torch.ones(xin.shape[0], dtype=torch.float64) * tc
+        v = model(xin.to(latents.dtype), tin.to(latents.dtype), yin)[0].to(torch.float64)
+        s = (-(1 - tc) * v - xin) / tc  # get_score_from_velocity, linear path
+        d = v - 0.5 * (2 * tc) * s
+        if g:
+            dc, du = d.chunk(2)
+            d = du + cfg_scale * (dc - du)
+        return d
+
+    x = latents.to(torch.float64)
+    for tc, tn in zip(ts[:-2], ts[1:-1]):
+        dt = tn - tc
+        eps = gen_noise(gen, x)
+        x = x + drift(x, tc) * dt + torch.sqrt(2 * tc) * eps * torch.sqrt(dt.abs())
+    tc, tn = ts[-2], ts[-1]
+    return x + (tn - tc) * drift(x, tc)
+
+
+def gen_noise(gen, x):
+    return torch.randn(x.shape, generator=gen).to(torch.float64)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_repa_checkpoint_samples_as_repas_samplers(seed, cfg):
+    from test_convert import official_repa
+
+    from effkernels.models.convert import load_official
+
+    official = official_repa(qk_norm=True)
+    model = load_official(official.state_dict(), num_heads=2).eval()
+    null = model.num_classes
+    g = torch.Generator().manual_seed(seed)
+    B, N, low, high = 3, 9, 0.0, 0.6  # the interval makes some steps unguided, Heun's last one guided
+    z = torch.randn(B, 4, 8, 8, generator=g)
+    y = torch.randint(0, null, (B,), generator=g)
+    opts = dict(cfg_scale=cfg, guidance_interval=(low, high))
+    with torch.no_grad():
+        for heun in (False, True):
+            want = repa_euler(official, z, y, N, heun, cfg, low, high, null).float()
+            got = sample(model, y, noise=z, sampler="heun" if heun else "euler", steps=N, **opts)
+            assert rel_err(got, want) <= 1e-5, (heun, rel_err(got, want))
+        want = repa_euler_maruyama(official, z, y, N, cfg, low, high, null, torch.Generator().manual_seed(seed + 1))
+        got = sample(model, y, noise=z, sampler="euler-maruyama", steps=N, generator=torch.Generator().manual_seed(seed + 1),
+                     **opts)
+        assert rel_err(got, want.float()) <= 1e-5, rel_err(got, want.float())
+        # the earlier behaviours differ measurably: they are options, not the default
+        for extra, s in (({"heun_last_corrector": True}, "heun"), ({"guidance_at": "t_next"}, "heun"),
+                         ({"sde_last_step": None}, "euler-maruyama")):
+            if cfg == 1.0 and "guidance_at" in extra:
+                continue  # without guidance there is no guidance decision
+            other = sample(model, y, noise=z, sampler=s, steps=N, generator=torch.Generator().manual_seed(seed + 1),
+                           **opts, **extra)
+            ref = want.float() if s == "euler-maruyama" else repa_euler(official, z, y, N, True, cfg, low, high, null)
+            assert rel_err(other, ref.float()) > 1e-4, extra
+
+
+def test_no_clamp_by_default_and_guided_channels(target):
+    model, g = target
+    y = torch.zeros(50, dtype=torch.long)
+    noise = torch.randn(50, 2, generator=g, dtype=torch.float64) * 5
+    out = sample(model, y, noise=noise, steps=3)
+    assert out.abs().max() > 1  # latents are not clipped unless asked
+    assert torch.equal(sample(model, y, noise=noise, steps=3, clamp=(-1, 1)), out.clamp(-1, 1))
+    # guided_channels=1 guides the first coordinate only, the second is the conditional one
+    x, yy = torch.randn(8, 2, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    t = torch.full((8,), 0.5)
+    v_c, v_u = model(x, t, yy), model(x, t, torch.full_like(yy, 3))
+    v = guided_velocity(model, x, 0.5, yy, cfg_scale=3.0, guided_channels=1)
+    assert torch.allclose(v[:, 0], (v_u + 3.0 * (v_c - v_u))[:, 0], atol=1e-12)
+    assert torch.equal(v[:, 1], v_c[:, 1])
+    with pytest.raises(ValueError, match="guided_channels"):
+        sample(model, y, noise=noise, guided_channels=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        sample(model, y, noise=noise, sampler="ddpm")
+    with pytest.raises(ValueError, match="sde_last_step"):
+        sample(model, y, noise=noise, sampler="euler-maruyama", sde_last_step=1.5)

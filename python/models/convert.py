@@ -9,6 +9,25 @@ adaLN_modulation.1}.*, final_layer.{linear, adaLN_modulation.1}.*; norm1/norm2/n
 parameters), so the backbone's mapping is the identity once wrappers are removed: training
 checkpoints nest the weights under "ema"/"model", DDP adds "module.", torch.compile "_orig_mod.".
 REPA's projectors.i.{0,2,4}.* become AlignmentHead i's proj.{0,2,4}.*.
+
+Layouts that load (anything else is an error naming the keys it does not know):
+  DiT / SiT official   the keys above; final_layer.linear with C or 2C (learned sigma) outputs
+  REPA                 the same plus projectors.i.{0,2,4}.* (REPA's SiT always has them)
+  REPA --qk-norm       plus blocks.i.attn.{q,k}_norm.{weight,bias} (timm's LayerNorm on each head's
+                       q and k): the backbone is built with qk_norm=True
+  REPA legacy          decoder_blocks.j.* for the blocks after the encoder's (generate.py --legacy):
+                       renamed to blocks.(encoder_depth + j).*, encoder_depth = the blocks.* present
+                       unless given
+
+What a load means (`flavor`, recorded as `model.interop`, an Interop): "sit" (the default for a
+"SiT-*" name without REPA keys): SiT's time runs the other way (t = 0 noise, t = 1 data, v = data -
+noise), so the model's forward becomes v(x, t) = -sit(x, 1 - t, y) with the learned-sigma half
+dropped (SiTTimeAdapter), and samplers, FlowMatching and the methods all see our convention (t = 0
+data, v = noise - data). "repa" (REPA keys present): REPA trains in our convention already; nothing
+changes. "dit" (a "DiT-*" name): the network predicts DDPM noise with a learned-range variance at
+integer steps 0..999; sample() then uses DDPM/DDIM (effkernels.models.diffusion). DiT and SiT guide
+only the first 3 channels in CFG (their forward_with_cfg), REPA guides all: `interop.guided_channels`
+(3 or None) is what sample(guided_channels="auto") follows.
 """
 from __future__ import annotations
 
@@ -17,6 +36,7 @@ import os
 import re
 import types
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,6 +51,93 @@ from .backbone import SIZES, DiT, build
 _WRAPPER_KEYS = ("ema", "model", "state_dict", "module")
 _PREFIXES = ("module.", "_orig_mod.")
 _PROJ = re.compile(r"^projectors\.(\d+)\.(.+)$")
+_LEGACY = re.compile(r"^decoder_blocks\.(\d+)\.(.+)$")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_KNOWN = re.compile(
+    r"^(?:x_embedder\.proj|t_embedder\.mlp\.[02]|final_layer\.(?:linear|adaLN_modulation\.1)"
+    r"|blocks\.\d+\.(?:attn\.(?:qkv|proj|q_norm|k_norm)|mlp\.fc[12]|adaLN_modulation\.1))\.(?:weight|bias)$"
+    r"|^y_embedder\.embedding_table\.weight$|^pos_embed$")
+LAYOUTS = ("DiT/SiT official", "REPA (projectors.*)", "REPA --qk-norm (blocks.i.attn.{q,k}_norm.{weight,bias})",
+           "REPA legacy (decoder_blocks.j.* after the encoder's blocks.*)")
+FLAVORS = ("dit", "sit", "repa")
+
+
+@dataclass(frozen=True)
+class Interop:
+    """What an official checkpoint's network means, recorded by load_official as `model.interop`.
+
+    flavor: "dit", "sit" or "repa". prediction: "eps" (DDPM noise, integer steps 0..999, DiT) or
+    "velocity" (our convention: t = 0 data, t = 1 noise, v = noise - data; a SiT checkpoint is
+    adapted to it). time: the convention the checkpoint was trained in. guided_channels: the
+    channels the paper's CFG guides (3 for DiT and SiT, None = all for REPA). layout: the key layout
+    that was read (one of LAYOUTS). sigma_dropped: a learned-sigma half is ignored (SiT semantics).
+    """
+    flavor: str
+    prediction: str
+    time: str
+    guided_channels: int | None
+    layout: str
+    sigma_dropped: bool = False
+
+
+def _interop(flavor: str, layout: str, learn_sigma: bool) -> Interop:
+    if flavor == "dit":
+        return Interop("dit", "eps", "DDPM steps 0..999 (0 = least noise)", 3, layout)
+    if flavor == "sit":
+        return Interop("sit", "velocity", "SiT: t = 0 noise, t = 1 data, v = data - noise; adapted: "
+                       "v(x, t) = -sit(x, 1 - t, y)", 3, layout, sigma_dropped=learn_sigma)
+    return Interop("repa", "velocity", "REPA = ours: t = 0 data, t = 1 noise, v = noise - data", None, layout)
+
+
+class SiTTimeAdapter(DiT):
+    """An official SiT network in our convention: forward(x, t, y) = -sit(x, 1 - t, y)[:, :C].
+
+    SiT integrates from t = 0 (noise) to 1 (data) with v = data - noise; ours from t = 1 (noise) to 0
+    with v = noise - data, so the same path at our t is SiT's at 1 - t with the velocity negated. The
+    learned-sigma half of a SiT checkpoint is dropped, as SiT's own forward does. Parameters, hidden
+    states and every forward option are the DiT's; load_official sets this class on the loaded model.
+    """
+
+    def forward(self, x, t, y=None, **kwargs):
+        res = super().forward(x, 1 - torch.as_tensor(t, device=x.device), y, **kwargs)
+        out, hidden = res if isinstance(res, tuple) else (res, None)
+        if out is not None:
+            c = self.in_channels
+            if out.dim() == 3:  # keep_idx: tokens (B, K, p*p*C_out), channels innermost
+                p2 = self.patch_size ** 2
+                out = out.reshape(*out.shape[:2], p2, -1)[..., :c].reshape(*out.shape[:2], p2 * c)
+            else:
+                out = out[:, :c]
+            out = -out
+        return (out, hidden) if isinstance(res, tuple) else out
+
+
+def normalize_layout(sd: Mapping[str, torch.Tensor], *, encoder_depth: int | None = None,
+                     what: str = "the state dict") -> tuple[dict, str]:
+    """(backbone keys in our layout, the layout's name): REPA's legacy decoder_blocks renamed; keys
+    of no known layout are an error that names them."""
+    legacy = {int(m.group(1)): None for k in sd if (m := _LEGACY.match(k))}
+    out, layout = dict(sd), LAYOUTS[0]
+    if legacy:
+        if encoder_depth is None:
+            encoder_depth = 1 + max((int(m.group(1)) for k in sd if (m := _BLOCK.match(k))), default=-1)
+        out = {}
+        for k, v in sd.items():
+            m = _LEGACY.match(k)
+            name = f"blocks.{encoder_depth + int(m.group(1))}.{m.group(2)}" if m else k
+            if name in out:
+                raise ValueError(f"{what}: {k!r} renamed by encoder_depth={encoder_depth} collides with {name!r}")
+            out[name] = v
+        layout = LAYOUTS[3]
+    elif encoder_depth is not None:
+        raise ValueError(f"encoder_depth is for REPA's legacy decoder_blocks layout; {what} has no decoder_blocks keys")
+    unknown = sorted(k for k in out if not _KNOWN.match(k))
+    if unknown:
+        raise ValueError(f"{what} has keys of no layout that loads: {unknown[:10]}"
+                         f"{' ...' if len(unknown) > 10 else ''}; layouts that load: {'; '.join(LAYOUTS)}")
+    if any(".attn.q_norm." in k or ".attn.k_norm." in k for k in out) and not legacy:
+        layout = LAYOUTS[2]
+    return out, layout
 
 
 #################################################################################
@@ -127,7 +234,7 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> dict:
     mlp_hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * D
     return dict(input_size=grid * p, patch_size=p, in_channels=C, hidden_size=D, depth=depth,
                 mlp_ratio=mlp_hidden / D, num_classes=rows - 1, class_dropout_prob=0.1,
-                learn_sigma=out == 2 * p * p * C)
+                learn_sigma=out == 2 * p * p * C, qk_norm=any(".attn.q_norm." in k for k in sd))
 
 
 def _load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
@@ -150,21 +257,41 @@ def _load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str) -
 
 def load_official(source, model: DiT | str | None = None, *, key: str | None = None,
                   num_heads: int | None = None, return_projectors: bool = False,
-                  projector_loss: str = "cosine", backend: str | None = None, **overrides):
+                  projector_loss: str = "cosine", backend: str | None = None, flavor: str | None = None,
+                  encoder_depth: int | None = None, **overrides):
     """Load an official DiT / SiT / REPA checkpoint into our backbone, every parameter strictly.
 
-    source: a checkpoint path or a dict (see read_state_dict).
+    source: a checkpoint path or a dict (see read_state_dict); the layouts that load are listed in
+        the module docstring (REPA's --qk-norm and legacy decoder_blocks included).
     model: a DiT to fill; a config name ("SiT-XL/2") built with the checkpoint's input size, channels,
-        classes and learn_sigma (overrides win); or None to build from the checkpoint's shapes alone
+        classes, learn_sigma and qk_norm (overrides win); or None to build from the checkpoint's shapes alone
         (num_heads is not stored: pass it, or the S/B/L/XL head count of its width is used).
+    flavor: "sit", "repa", "dit" or None (default: "repa" when REPA's keys are present, else "dit" /
+        "sit" from a "DiT-*" / "SiT-*" name, else none: the network is loaded as it is, no interop).
+        "sit" makes the model a SiTTimeAdapter (our time convention, sigma half dropped); every
+        flavor is recorded as `model.interop` (an Interop), which the samplers read.
+    encoder_depth: REPA legacy checkpoints: the blocks before decoder_blocks.0 (default: the count
+        of blocks.* keys).
     return_projectors: also return REPA's projectors as a ModuleList of AlignmentHead (empty when
         the checkpoint has none); otherwise projector weights, training-only heads, are not loaded.
     Returns the model, or (model, heads).
     """
     check_backend(backend)
+    if flavor is not None and flavor not in FLAVORS:
+        raise ValueError(f"flavor must be one of {FLAVORS} or None, got {flavor!r}")
     sd = read_state_dict(source, key=key)
     what = f"checkpoint {os.fspath(source)!r}" if isinstance(source, (str, os.PathLike)) else "the given state dict"
     backbone, heads_sd = split_state_dict(sd)
+    backbone, layout = normalize_layout(backbone, encoder_depth=encoder_depth, what=what)
+    if flavor is None:
+        if heads_sd or layout != LAYOUTS[0]:
+            flavor = "repa"
+        elif isinstance(model, str) and model.startswith("DiT-"):
+            flavor = "dit"
+        elif isinstance(model, str) and model.startswith("SiT-"):
+            flavor = "sit"
+    if heads_sd and layout == LAYOUTS[0]:
+        layout = LAYOUTS[1]
     if model is None or isinstance(model, str):
         cfg = infer_config(backbone)
         if model is None:
@@ -178,12 +305,21 @@ def load_official(source, model: DiT | str | None = None, *, key: str | None = N
             # The named config fixes the architecture; the checkpoint supplies the data-dependent sizes.
             for k in ("hidden_size", "depth", "patch_size", "mlp_ratio"):
                 cfg.pop(k)
-            model = build(model, **{**cfg, **overrides, "backend": backend})
+            heads = {} if num_heads is None else {"num_heads": num_heads}
+            model = build(model, **{**cfg, **heads, **overrides, "backend": backend})
     elif not isinstance(model, DiT):
         raise TypeError(f"model must be a DiT, a config name or None, got {type(model).__name__}")
     elif overrides:
         raise ValueError(f"constructor overrides {sorted(overrides)} need model=None or a config name, not a built DiT")
     _load_strict(model, backbone, what)
+    if flavor == "dit" and not model.learn_sigma:
+        raise ValueError(f"{what}: a DiT checkpoint predicts a learned variance (2C outputs); this one has "
+                         f"{model.out_channels}")
+    if flavor == "sit":
+        # same parameters and buffers, our time convention (a subclass: state_dict keys unchanged)
+        model.__class__ = SiTTimeAdapter
+    if flavor is not None:
+        model.interop = _interop(flavor, layout, model.learn_sigma)
     if not return_projectors:
         return model
     heads = nn.ModuleList()

@@ -3,6 +3,8 @@
 Sources (`load_dataset(spec)`):
   "digits"         scikit-learn's 1797 8x8 grey digits (shipped inside scikit-learn, no download),
                    pixel values 0..16 scaled to [-1, 1], shape (1797, 1, 8, 8), 10 classes.
+  "digits:S"       the same digits bilinearly upsampled to SxS (e.g. "digits:16": 256 tokens at patch
+                   1), a longer-sequence setting on shipped data for the CPU.
   <folder>         an image folder with one subfolder per class (sorted names -> labels 0..K-1),
                    loaded with PIL, resized to `image_size`, scaled to [-1, 1].
   <file>.npz       pre-computed latents: array "x" (or "latents"/"images"), (N, C, H, W) float, and
@@ -11,6 +13,8 @@ Sources (`load_dataset(spec)`):
                    encoder features beside the latents, "image": the raw image beside its latent),
                    kept in `extras` and passed to a method that asks for it (Method.batch_keys).
   <file>.npy       latents (N, C, H, W); labels from <file-stem>_labels.npy if it exists, else all 0.
+  <latent folder>  fast-DiT's features/ + labels/ or REPA's vae-sd/ (+ images/): effkernels.models.latents,
+                   read per sample by a worker pool, never all in memory.
 The value range of images is [-1, 1]; for latents it is None (unbounded: samplers do not clamp).
 """
 from __future__ import annotations
@@ -93,8 +97,11 @@ class ArrayDataset:
 # -----------------------------------------------------------------------------------------------
 
 
-def load_digits() -> ArrayDataset:
-    """scikit-learn's 8x8 digits scaled to [-1, 1]."""
+def load_digits(size: int = 8) -> ArrayDataset:
+    """scikit-learn's 8x8 digits scaled to [-1, 1]; bilinearly upsampled to size x size when size > 8
+    (bilinear, not bicubic: a convex combination of pixels stays inside [-1, 1])."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 8:
+        raise DataError(f"digits: size must be an int >= 8, got {size!r}")
     try:
         from sklearn.datasets import load_digits as _load
     except ImportError as e:  # pragma: no cover - scikit-learn is in the train extra
@@ -102,7 +109,10 @@ def load_digits() -> ArrayDataset:
     d = _load()
     x = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0).unsqueeze(1)  # (1797, 1, 8, 8)
     y = torch.from_numpy(d.target.astype(np.int64))
-    return ArrayDataset(x, y, 10, "digits")
+    if size == 8:
+        return ArrayDataset(x, y, 10, "digits")
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return ArrayDataset(x.contiguous(), y, 10, f"digits:{size}")
 
 
 def load_image_folder(root: str, image_size: int | None = None, channels: int | None = None) -> ArrayDataset:
@@ -187,9 +197,18 @@ def load_dataset(spec: str, image_size: int | None = None) -> ArrayDataset:
         raise DataError(f"data must be 'digits' or a path, got {spec!r}")
     if spec == "digits":
         return load_digits()
+    if spec.startswith("digits:"):
+        size = spec.split(":", 1)[1]
+        if not size.isdigit():
+            raise DataError(f"data {spec!r}: expected 'digits:SIZE' with an integer SIZE >= 8, e.g. 'digits:16'")
+        return load_digits(int(size))
     if not os.path.exists(spec):
         raise DataError(f"data path {spec!r} does not exist (use 'digits', an image folder, or a .npz/.npy file)")
     if os.path.isdir(spec):
+        from .latents import LatentFolder, detect_layout
+
+        if detect_layout(spec):  # fast-DiT features/ + labels/, REPA vae-sd/: streamed, never all in RAM
+            return LatentFolder(spec)
         return load_image_folder(spec, image_size=image_size)
     if spec.endswith((".npz", ".npy")):
         return load_latents(spec)

@@ -31,10 +31,12 @@ from torch import nn
 from . import ddp
 from .checkpoint import CheckpointError, capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .cli import check_backend_arg
-from .data import DataError, batch_indices, load_dataset
+from .data import DataError, load_dataset
 from .ema import EMA
+from .latents import SHUFFLES, collate, global_indices, hflip_mask, make_loader, step_keys
 from .methods import (METHODS, ConfigError, add_method_args, build_method, parse_spec,  # noqa: F401 (re-exported)
                       register_method)
+from .presets import add_preset_arg, announce, apply_preset
 from .runlog import MetricsLog, Progress, plot_curves
 
 # -----------------------------------------------------------------------------------------------
@@ -126,6 +128,7 @@ class Trainer:
         if missing:
             raise ConfigError(f"--method {args.method} needs the per-sample arrays {missing} in --data "
                               f"{args.data!r}, which has {sorted(self.ds.extras) or 'none'}")
+        self._configure_data()
         self.modules = nn.ModuleDict(self.method.modules()).to(self.device)
         aux = self.method.aux_modules()
         self.aux = {k: a for k, a in aux.items()}
@@ -151,6 +154,22 @@ class Trainer:
         torch.manual_seed(args.seed * 1000 + 17 + self.dist.rank)
         self.method.attach(self)
         self.evaluator = None
+
+    def _configure_data(self) -> None:
+        """Streamed latent folders read the raw image only when a method asks for it, and flip in the
+        worker; in-memory data flips here, and only arrays with an image layout can be mirrored."""
+        a = self.args
+        shuffle, hflip = getattr(a, "shuffle", "replacement"), getattr(a, "hflip", False)
+        if shuffle == "epoch" and len(self.ds) < a.batch_size:
+            raise ConfigError(f"--shuffle epoch needs at least one full batch: --data {a.data!r} has "
+                              f"{len(self.ds)} samples, --batch-size is {a.batch_size}")
+        if getattr(self.ds, "streamed", False):
+            self.ds.hflip, self.ds.with_image = bool(hflip), "image" in self.method.batch_keys
+        elif hflip:
+            flat = [k for k in self.method.batch_keys if self.ds.extras[k].dim() != 4]
+            if flat:
+                raise ConfigError(f"--hflip mirrors (N, C, H, W) arrays; the per-sample arrays {flat} are not "
+                                  "images (pre-computed features of the unflipped image would not match)")
 
     def generator(self) -> dict[str, nn.Module]:
         """The live modules that generate samples: the backbone and the method's generator modules."""
@@ -219,19 +238,41 @@ class Trainer:
         self.step = int(ck["step"])
 
     # --- one step ----------------------------------------------------------------------------------
-    def make_batch(self, step: int) -> dict:
+    def make_batch(self, step: int, cpu: dict | None = None) -> dict:
         """This rank's shard of the global batch of `step` (the same global batch whatever the world size),
-        with the data set's extra per-sample arrays under their names."""
-        idx = batch_indices(len(self.ds), self.args.batch_size, self.args.seed, step)
-        per = self.args.batch_size // self.dist.world_size
-        idx = idx[self.dist.rank * per:(self.dist.rank + 1) * per]
+        with the data set's extra per-sample arrays under their names. `cpu`: that shard already read
+        by the data loader's workers (streamed latent folders)."""
+        a, rank, world = self.args, self.dist.rank, self.dist.world_size
+        shuffle, per = getattr(a, "shuffle", "replacement"), a.batch_size // world
+        if cpu is None and getattr(self.ds, "streamed", False):
+            cpu = collate([self.ds[k] for k in step_keys(len(self.ds), a.batch_size, a.seed, step,
+                                                         shuffle=shuffle, rank=rank, world=world)])
+        elif cpu is None:
+            idx = global_indices(len(self.ds), a.batch_size, a.seed, step, shuffle)[rank * per:(rank + 1) * per]
+            cpu = {"x": self.ds.x[idx], "y": self.ds.y[idx], **{k: self.ds.extras[k][idx] for k in self.method.batch_keys}}
+            if getattr(a, "hflip", False):
+                m = hflip_mask(a.batch_size, a.seed, step)[rank * per:(rank + 1) * per].view(-1, 1, 1, 1)
+                cpu = {k: torch.where(m, v.flip(-1), v) if v.dim() == 4 else v for k, v in cpu.items()}
         g = torch.Generator(device=self.device).manual_seed(
-            (self.args.seed * 7_919 + step * 1_000_003 + self.dist.rank) % (2**63))
-        batch = {"x": self.ds.x[idx].to(self.device, non_blocking=True), "y": self.ds.y[idx].to(self.device),
-                 "generator": g}
-        for k in self.method.batch_keys:
-            batch[k] = self.ds.extras[k][idx].to(self.device, non_blocking=True)
+            (a.seed * 7_919 + step * 1_000_003 + rank) % (2**63))
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in cpu.items() if k in ("x", "y", *self.method.batch_keys)}
+        batch["generator"] = g
         return batch
+
+    def batches(self, start: int, stop: int):
+        """The batches of steps start..stop-1: streamed folders through a DataLoader with
+        --data-workers processes (a bounded number of batches ahead), else read here step by step."""
+        a = self.args
+        workers = getattr(a, "data_workers", 0)
+        if getattr(self.ds, "streamed", False) and workers:
+            loader = make_loader(self.ds, a.batch_size, a.seed, start, stop, shuffle=getattr(a, "shuffle", "replacement"),
+                                 rank=self.dist.rank, world=self.dist.world_size, workers=workers,
+                                 pin=self.device.type == "cuda")
+            for step, cpu in enumerate(loader, start):
+                yield self.make_batch(step, cpu)
+        else:
+            for step in range(start, stop):
+                yield self.make_batch(step)
 
     def _check_finite(self, loss: torch.Tensor, what: str) -> None:
         """Every rank learns every rank's loss (one small all_reduce), so all stop together on a bad one."""
@@ -263,7 +304,7 @@ class Trainer:
             for p in aux_params:
                 p.requires_grad_(True)
         self._check_finite(loss, "loss")
-        gn = torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)
+        gn = torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip or math.inf)  # 0: no clipping (DiT, SiT)
         lr = self._lr(self.args.lr)
         for gr in self.opt.param_groups:
             gr["lr"] = lr
@@ -297,17 +338,20 @@ class Trainer:
     def evaluate(self, grid_path: str | None = None) -> dict:
         """FD and class accuracy of samples from the EMA generator (the method's sampler); rank 0 only."""
         from .metrics import Evaluator
-        from .sample import save_grid
+        from .sample import predicts_noise, save_grid
 
         if self.evaluator is None:
-            self.evaluator = Evaluator(self.ds)
+            # a streamed folder's reference set is a fixed subset held in memory (at most 4096 samples)
+            self.evaluator = Evaluator(self.ds.in_memory() if getattr(self.ds, "streamed", False) else self.ds)
         n, ncls = self.args.eval_samples, self.ds.num_classes
         y = torch.arange(n) % ncls
         g = torch.Generator().manual_seed(self.args.seed + 12345)  # same noise at every eval: comparable curves
         noise = torch.randn((n, self.ds.channels, self.ds.size, self.ds.size), generator=g)
         res = {}
         for suffix, over in self.method.eval_samplers().items():
-            opts = {"sampler": "heun", "steps": self.args.eval_steps, "clamp": self.ds.value_range, **over}
+            # DDIM for a noise-predicting (DiT-objective) backbone: deterministic, as Heun is for the flows
+            base = "ddim" if predicts_noise(self.model) else "heun"
+            opts = {"sampler": base, "steps": self.args.eval_steps, "clamp": self.ds.value_range, **over}
             imgs = torch.cat([self.method.sample(self.ema.models, y[s:s + 500].to(self.device),
                                                  noise[s:s + 500].to(self.device), **opts).cpu()
                               for s in range(0, n, 500)])
@@ -352,8 +396,9 @@ class Trainer:
             final["fd_init"] = final.get("fd")
         t_start, t_last, n_last = time.time(), time.time(), self.step
         loss_sum = 0.0
+        batches = self.batches(self.step, a.steps)
         while self.step < a.steps:
-            logs = self.train_step(self.make_batch(self.step))
+            logs = self.train_step(next(batches))
             loss_sum += logs["loss"]
             if self.step % a.log_every == 0 or self.step == a.steps:
                 now = time.time()
@@ -368,6 +413,7 @@ class Trainer:
                 do_eval()
             if a.ckpt_every and self.step % a.ckpt_every == 0 and self.step < a.steps:
                 self.save(ckpt_path)
+        batches.close()  # stops the data loader's workers
         bar.close()
         self.save(ckpt_path)
         if main:
@@ -386,16 +432,25 @@ class Trainer:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="effkernels-train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", default="sit",
-                   help="training method, or several joined by '+' (e.g. tread+repa); see --list-methods")
+    p.add_argument("--method", default=None,
+                   help="training method, or several joined by '+' (e.g. tread+repa); see --list-methods "
+                        "(default: dit, DiT's DDPM objective, for DiT-* models, else sit)")
     p.add_argument("--model", default="tiny/2", help="backbone config name, e.g. tiny/2, SiT-B/2")
-    p.add_argument("--data", default="digits", help="'digits', an image folder, or a .npz/.npy latent file")
+    p.add_argument("--data", default="digits",
+                   help="'digits', an image folder, a .npz/.npy latent file, or a fast-DiT (features/ + labels/) "
+                        "or REPA (vae-sd/ [+ images/]) latent folder, read per sample")
+    p.add_argument("--shuffle", default="replacement", choices=SHUFFLES,
+                   help="batches drawn with replacement, or a permutation each epoch (the official loaders)")
+    p.add_argument("--hflip", action="store_true", help="mirror each sample with p = 1/2 (DiT's horizontal flip)")
+    p.add_argument("--data-workers", type=int, default=4,
+                   help="processes reading latent folders (0: read in the training process)")
+    add_preset_arg(p)
     p.add_argument("--out", default="runs/digits", help="output folder (checkpoints, logs, grids, curves)")
     p.add_argument("--steps", type=int, default=1000, help="total optimizer steps (a resumed run continues to it)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch, split over processes")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100, help="linear lr warm-up steps (0: none)")
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay (with warm-up, see --ema-no-warmup)")
     p.add_argument("--ema-no-warmup", action="store_true", help="constant EMA decay from step 0")
     p.add_argument("--seed", type=int, default=0)
@@ -419,10 +474,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    preset, installed = apply_preset(p, argv)  # the preset's values become defaults: flags still win
     a = p.parse_args(argv)
+    a.preset_line = announce(preset, a, installed, "effkernels-train")
     if a.list_methods:
         print("\n".join(sorted(METHODS)))
         raise SystemExit(0)
+    if a.method is None:  # DiT-* configs predict noise and a variance: DiT's objective trains them
+        a.method = "dit" if a.model.startswith("DiT-") else "sit"
     try:
         parse_spec(a.method)
     except ConfigError as e:
@@ -434,15 +494,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "eval_samples", "eval_steps", "log_every"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    for name in ("eval_every", "ckpt_every", "warmup", "threads"):
+    for name in ("eval_every", "ckpt_every", "warmup", "threads", "data_workers"):
         if getattr(a, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
     if not (a.lr > 0 and math.isfinite(a.lr)):
         p.error(f"--lr must be a positive number, got {a.lr}")
     if not (0.0 <= a.ema < 1.0):
         p.error(f"--ema must lie in [0, 1), got {a.ema}")
-    if a.grad_clip <= 0:
-        p.error(f"--grad-clip must be > 0, got {a.grad_clip}")
+    if not a.grad_clip >= 0:
+        p.error(f"--grad-clip must be >= 0 (0: no clipping), got {a.grad_clip}")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {a.device} but no CUDA device is available")
     check_backend_arg(p, a.backend, a.device)

@@ -70,7 +70,7 @@ def args_from_json(args_json: str | None) -> argparse.Namespace:
 
 
 # Built-in methods register themselves on import.
-from . import act, ct, erw, maskdit, repa, sit, sra, tread  # noqa: E402,F401
+from . import act, ct, dit, erw, maskdit, repa, sit, sra, tread  # noqa: E402,F401
 
 __all__ = ["METHODS", "register_method", "build_method", "parse_spec", "add_method_args", "args_from_json", "Method", "Composite", "AuxModule",
            "ConfigError", "merge_options"]

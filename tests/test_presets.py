@@ -1,0 +1,76 @@
+"""Paper presets: the papers' settings become defaults, flags override them, the start line says so;
+--grad-clip 0 really leaves the gradients alone; the sampler side of a preset."""
+import torch
+from effkernels.models import sample as sample_mod
+from effkernels.models import train as train_mod
+from effkernels.models.data import ArrayDataset
+from effkernels.models.presets import PRESETS, Preset, apply_preset
+
+SMALL = '{"depth": 2, "hidden_size": 32, "num_heads": 2}'
+
+
+def test_presets_set_the_papers_training_defaults(capsys):
+    a = train_mod.parse_args(["--preset", "repa", "--out", "o"])
+    assert (a.lr, a.warmup, a.batch_size, a.ema, a.ema_no_warmup, a.grad_clip, a.shuffle, a.method) == \
+        (1e-4, 0, 256, 0.9999, True, 1.0, "epoch", "repa")
+    assert "preset repa (REPA" in capsys.readouterr().out
+    for name, clip, flip in (("dit", 0.0, True), ("sit", 0.0, True)):
+        a = train_mod.parse_args(["--preset", name, "--out", "o"])
+        assert (a.lr, a.warmup, a.batch_size, a.grad_clip, a.hflip, a.shuffle, a.method) == \
+            (1e-4, 0, 256, clip, flip, "epoch", "sit")
+    plain = train_mod.parse_args(["--out", "o"])  # no preset: the CPU digits defaults are untouched
+    assert (plain.lr, plain.warmup, plain.batch_size, plain.shuffle, plain.grad_clip) == (2e-3, 100, 64, "replacement", 1.0)
+    assert Preset.from_name("sit") is PRESETS["sit"]
+
+
+def test_flags_override_a_preset_and_the_start_line_names_them(capsys):
+    a = train_mod.parse_args(["--preset", "sit", "--lr", "3e-4", "--batch-size", "16", "--shuffle", "replacement",
+                              "--out", "o"])
+    assert (a.lr, a.batch_size, a.shuffle, a.ema, a.warmup) == (3e-4, 16, "replacement", 0.9999, 0)
+    line = capsys.readouterr().out
+    assert "overridden by flags: lr=0.0003 (preset 0.0001), batch_size=16 (preset 256), shuffle=replacement" in line
+    assert a.preset_line in line
+
+
+def test_sampling_side_of_a_preset():
+    p = sample_mod.build_parser()
+    preset, installed = apply_preset(p, ["--preset", "repa"], kind="sample")
+    a = p.parse_args(["--ckpt", "c", "--out", "o", "--preset", "repa", "--guidance-high", "0.9"])
+    assert (a.sampler, a.steps, a.cfg_scale, a.guidance_low, a.guidance_high) == ("euler-maruyama", 250, 1.8, 0.0, 0.9)
+    assert installed["guidance_high"] == 0.7 and preset.name == "repa"
+
+
+def _grads_seen(tr):
+    seen = []
+    step = tr.opt.step
+
+    def spy(*a, **k):
+        seen.append(torch.cat([p.grad.flatten() for p in tr.params if p.grad is not None]).norm().item())
+        return step(*a, **k)
+
+    tr.opt.step = spy
+    return seen
+
+
+def test_grad_clip_zero_means_no_clipping(tmp_path, seed):
+    g = torch.Generator().manual_seed(seed)
+    ds = ArrayDataset(torch.rand(32, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (32,), generator=g), 10, "r")
+    norms = {}
+    for clip in ("0", "1e-3"):
+        a = train_mod.parse_args(["--out", str(tmp_path / clip), "--model-kwargs", SMALL, "--batch-size", "8",
+                                  "--seed", str(seed), "--grad-clip", clip, "--eval-every", "0", "--quiet"])
+        tr = train_mod.Trainer(a, ds)
+        seen = _grads_seen(tr)
+        logs = tr.train_step(tr.make_batch(0))
+        norms[clip] = (logs["grad_norm"], seen[0])
+    raw, applied = norms["0"]
+    assert raw > 1e-2 and abs(applied - raw) <= 1e-5 * raw  # unclipped: the optimizer sees the raw norm
+    raw2, applied2 = norms["1e-3"]
+    assert abs(raw2 - raw) <= 1e-5 * raw and abs(applied2 - 1e-3) <= 1e-6  # the same gradient, clipped
+
+
+def test_a_preset_run_trains_on_digits(tmp_path, capsys):
+    assert train_mod.main(["--preset", "sit", "--out", str(tmp_path), "--model-kwargs", SMALL, "--steps", "2",
+                           "--batch-size", "16", "--eval-every", "0", "--ckpt-every", "0", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "preset sit" in out and '"step": 2' in out
