@@ -17,7 +17,7 @@ import time
 import torch
 
 import effkernels
-from _common import write_rows
+from _common import machine, machine_line, write_rows
 from effkernels import backends, ops
 
 
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         p.error("--device cuda needs a CUDA device; none is visible")
     print(f"effkernels {effkernels.__version__}, torch {torch.__version__}, {args.device}, {args.dtype}, "
           f"B,N,D={args.shape}, threads={torch.get_num_threads()}; each cell: median time, "
-          f"speed-up over the reference, achieved bandwidth")
+          f"speed-up over the reference, achieved bandwidth\n{machine_line(machine())}")
     rows = run(args)
     print(render(rows))
     write_rows(rows, args.out)

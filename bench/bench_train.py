@@ -1,198 +1,488 @@
-"""Training-step throughput of the SiT baseline: images/s, FLOPs per step and peak memory for each
-backend that can run here, and for the token-routing mechanism (blocks 3..depth-3 on half the
-tokens, TREAD's placement), all measured side by side in one run and given as ratios to the
-baseline on the reference backend.
+"""Training-step throughput per method, and the dense step per backend, measured side by side.
 
-  python bench/bench_train.py [--model tiny/1] [--batch 128] [--input-size 8] [--channels 1]
-                              [--steps 5] [--device cpu|cuda] [--out bench/out/train.json]
-  python bench/bench_train.py --methods sit,tread,maskdit [--repeats 3] ...   # per method, interleaved
+  python bench/bench_train.py [--methods all|sit,tread,repa,...] [--model tiny/2] [--input-size 8]
+                              [--channels 1] [--classes 10] [--batch 64] [--steps 5] [--warmup 1]
+                              [--repeats 3] [--backend auto] [--compile] [--out bench/out]
+  python bench/bench_train.py --whole-step --model SiT-S/2 --input-size 32 --channels 4 --classes 1000 --batch 8
 
-With --methods each row is a training method's whole step (effkernels.models.methods with its
-default options: TREAD routes 3..depth-3 at 0.5, MaskDiT masks 0.5 with its decoder; ACT's step includes
-its discriminator's forward in the generator loss, not the discriminator's own step; REPA and ERW
-need a prepared encoder and are not rows yet), on the auto
-backend, timed in `--repeats` interleaved rounds (method A, B, C, A, B, C, ...) so that drift of a
-shared machine hits every row alike; the median round is reported, with the spread.
+Methods (the default, `--methods all`): one row per registered method (effkernels.models.methods)
+at its default options, and the compositions that work (tread+repa, tread+sra, maskdit+repa,
+maskdit+sra). Each row times the trainer's whole iteration, `Trainer.train_step`: the method's
+before_step (CT's target EMA), loss, backward, gradient clipping, AdamW, the aux optimizers' steps
+(ACT: the discriminator's own step, so ACT's row is G step + D step) and the EMA update; batches are
+drawn beforehand (data loading is not timed). Variants:
+  repa, erw      the default `dae` encoder's architecture run live, with UNTRAINED weights (the bench
+                 measures cost, not quality: training it would take minutes and change no FLOP), and
+                 the same features pre-computed and read from the batch extras (precomputed:repa_dae);
+                 ERW is timed in its phase 2 (REPA at depth/2 with its decaying weight)
+  sra            its teacher stopped at the teacher block (stop_at, what sra.py does) and, for
+                 comparison, a full teacher forward (all blocks and the final layer; a wrapper here)
+  act            ACT's R1 penalty runs every 16th step; it falls on the warm-up step (step 0), so the
+                 timed steps hold none (its amortised cost is 1/16 of a double-backward D step)
+The data are random arrays of the given shape (cost does not depend on the values), written to a
+temporary .npz with the features beside them, read through the trainer's own loader.
 
-On a GPU the same command times bf16-autocast steps with CUDA events; on the CPU plain fp32 steps
-with perf_counter (peak memory is then not reported: PyTorch does not track CPU allocations).
-FLOPs are what torch.utils.flop_counter counts (matmuls, convolutions, attention).
+Whole step (`--whole-step`): the dense SiT step on the auto backend and the reference backend; with
+`--compile` also torch.compile of the reference backend and torch.compile of auto.
+
+Timing: `--repeats` interleaved rounds (row A, B, C, A, B, C, ...) so that the drift of a shared
+machine hits every row alike; in each round a row gets `--warmup` untimed steps, then `--steps` timed
+ones. Eager rows are rebuilt for every round (one model in memory at a time; `--keep` builds each
+once and keeps it, its FLOP-count step then being its first warm-up step); compiled rows are built
+and compiled once and kept (a recompile per round would dominate). Reported: the median round's
+s/step with the rounds' range, images/s, and the ratio to SiT as the median over rounds of
+SiT's time / the row's time in the same round (with its range). FLOPs per step: what
+torch.utils.flop_counter counts in one eager step (matmuls, convolutions, attention; elementwise
+ops are not counted; torch's counter misses the CPU attention kernel, which is added here, so
+attention counts on the CPU as on a GPU). Peak memory: on a GPU the CUDA allocator's peak over the warm-up and timed
+steps; on the CPU the peak RSS of a forked child process per row that builds the row and runs
+2 steps (the second holds AdamW's state and the activations at
+once; getrusage of the child), reported with the RSS of the process before the row
+(imports, data) subtracted, which is what the row itself adds. Compiled rows on the CPU get no
+memory figure (their child would compile again).
+
+Exit code 2 with a message for an unknown method, backend, model or a backend that cannot run here.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import statistics
 import sys
+import tempfile
 import time
-from types import SimpleNamespace
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from _common import Bar, machine, machine_line, markdown_table, write_outputs
+from effkernels.models import encoders as enc
+from effkernels.models.backbone import CONFIGS
+from effkernels.models.methods import METHODS, ConfigError, parse_spec
+from torch import nn
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 import effkernels
-from _common import write_rows
 from effkernels import backends
-from effkernels.models.backbone import Route, build
-from effkernels.models.ema import EMA
-from effkernels.models.methods import args_from_json, build_method
-from effkernels.models.objectives import FlowMatching
+
+# Compositions that work (README "Compositions"); tread+maskdit and erw+token plans do not.
+COMPOSITIONS = ("tread+repa", "tread+sra", "maskdit+repa", "maskdit+sra")
+ORDER = ("sit", "tread", "maskdit", "repa", "erw", "sra", "ct", "act")  # table order; others follow
+FEATURE_KEY = "repa_dae"
+LIVE = ["--repa-encoder", "dae-untrained"]
+PRE = ["--repa-encoder", f"precomputed:{FEATURE_KEY}"]
 
 
-def variants(depth: int, device: torch.device):
-    """(label, backend, routes) rows to time: every runnable backend, then the routed baseline."""
-    rows = []
-    for b in ("reference", "triton", "cuda", "cpp"):
-        if backends.available(b, device)[0] and not (b == "triton" and device.type == "cpu"):
-            rows.append((f"SiT [{b}]", b, None))
-    if depth - 3 >= 3:
-        best = rows[-1][1]
-        rows.append((f"SiT + route 3..{depth - 3} @0.5 [{best}]", best, [Route(3, depth - 3, 0.5)]))
+# ------------------------------------------------------------------------------------------------
+# Rows
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    label: str
+    method: str
+    argv: list = field(default_factory=list)
+    backend: str = "auto"
+    compile: bool = False
+    full_teacher: bool = False  # SRA: run the teacher through every block (no stop_at)
+
+
+def variants(spec: str, backend: str) -> list[Row]:
+    """The rows that measure `spec` (one method or a composition)."""
+    names = spec.split("+")
+    if len(names) > 1:
+        argv = LIVE if any(n in ("repa", "erw") for n in names) else []
+        return [Row(spec + (" [dae live]" if argv else ""), spec, list(argv), backend)]
+    n = names[0]
+    if n == "repa":
+        return [Row("repa [dae live]", n, list(LIVE), backend), Row("repa [precomputed]", n, list(PRE), backend)]
+    if n == "erw":
+        w = ["--erw-warmup-steps", "0"]
+        return [Row("erw phase 2 [dae live]", n, w + LIVE, backend), Row("erw phase 2 [precomputed]", n, w + PRE, backend)]
+    if n == "sra":
+        return [Row("sra [teacher to t_b]", n, [], backend), Row("sra [full teacher]", n, [], backend, full_teacher=True)]
+    if n == "act":
+        return [Row("act [G + D step]", n, [], backend)]
+    return [Row(n, n, [], backend)]
+
+
+def method_rows(specs: list[str], backend: str, compiled: bool) -> list[Row]:
+    """SiT first (the baseline of every ratio), then each spec's variants; with --compile each row twice."""
+    specs = ["sit"] + [s for s in specs if s != "sit"]
+    rows = [r for s in specs for r in variants(s, backend)]
+    if compiled:
+        rows = [x for r in rows for x in (r, Row("compile " + r.label, r.method, r.argv, r.backend, True, r.full_teacher))]
     return rows
 
 
-def step_fn(model, opt, objective, x, y, routes, amp):
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            loss = objective.loss(model, x, y, routes=routes)["loss"] if routes else objective.loss(model, x, y)["loss"]
-        loss.backward()
-        opt.step()
-    return step
+def whole_step_rows(compiled: bool) -> list[Row]:
+    rows = [Row("SiT [auto]", "sit"), Row("SiT [reference]", "sit", backend="reference")]
+    if compiled:
+        rows += [Row("compile SiT [reference]", "sit", backend="reference", compile=True),
+                 Row("compile SiT [auto]", "sit", compile=True)]
+    return rows
 
 
-def timed(step, n: int, device: torch.device) -> tuple[float, float | None]:
-    """(seconds per step over n steps, peak CUDA MiB or None on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(n):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t) / n
-    return dt, (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None)
+def all_specs() -> list[str]:
+    names = [n for n in ORDER if n in METHODS] + sorted(set(METHODS) - set(ORDER))
+    return names + [c for c in COMPOSITIONS if all(p in METHODS for p in c.split("+"))]
 
 
-def measure(args, label, backend, routes) -> dict:
+# ------------------------------------------------------------------------------------------------
+# The encoder of the live REPA/ERW rows: the dae architecture, untrained
+# ------------------------------------------------------------------------------------------------
+
+
+class UntrainedDAE(enc.DataEncoder):
+    """The default `dae` encoder's network with its initial weights: the same per-step cost as the
+    trained one (same convolutions on the same images), without the minutes of training and the cache."""
+
+    def prepare(self, ds, *, retrain: bool = False, verbose: bool = False) -> None:
+        if self.net is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                net = enc.DenoisingAutoencoder(ds.channels, self.dim, self.train_kw["width"])
+            self._set(net, {"untrained": True})
+
+
+if "dae-untrained" not in enc.ENCODERS:
+    enc.register_encoder("dae-untrained")(lambda arg, *, grid: UntrainedDAE())
+
+
+class FullTeacher(nn.Module):
+    """SRA's teacher run through every block and the final layer (stop_at dropped), its hidden state
+    at the teacher block taken on the way: what the teacher costs without stopping early."""
+
+    def __init__(self, teacher: nn.Module):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, *args, stop_at=None, **kw):
+        return self.teacher(*args, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building and stepping one row
+# ------------------------------------------------------------------------------------------------
+
+
+def patch_size(model: str) -> int:
+    return int(model.rsplit("/", 1)[1])
+
+
+def write_data(args, path: str) -> None:
+    """Random data of the benchmark's shape, every class present, with dae-sized features beside it."""
+    g = np.random.default_rng(0)
+    n = max(2 * args.batch, args.classes, 16)
+    tokens = (args.input_size // patch_size(args.model)) ** 2
+    y = g.integers(0, args.classes, n)
+    y[0] = args.classes - 1  # the loader sets num_classes to max(y) + 1
+    np.savez(path, x=g.standard_normal((n, args.channels, args.input_size, args.input_size), dtype=np.float32),
+             y=y.astype(np.int64), **{FEATURE_KEY: g.standard_normal((n, tokens, enc.DataEncoder().dim)).astype(np.float16)})
+
+
+def train_args(args, row: Row, data: str, out: str):
+    from effkernels.models.train import parse_args
+
+    argv = ["--method", row.method, "--model", args.model, "--data", data, "--out", out,
+            "--batch-size", str(args.batch), "--steps", "1000", "--warmup", "0", "--eval-every", "0",
+            "--ckpt-every", "0", "--quiet", "--device", args.device, "--backend", row.backend] + row.argv
+    return parse_args(argv + (["--compile"] if row.compile else []))
+
+
+class Runner:
+    """One row's trainer and its pre-drawn batches."""
+
+    def __init__(self, args, row: Row, ds, data: str, out: str, compiled: bool | None = None):
+        from effkernels.models.train import Trainer
+
+        self.row, self.device = row, torch.device(args.device)
+        a = train_args(args, row, data, out)
+        if compiled is not None:
+            a.compile = compiled
+        with effkernels.use_backend(row.backend):
+            self.trainer = Trainer(a, ds=ds)
+        if row.full_teacher:
+            parts = [p for n, p in self.trainer.method.parts if n == "sra"]
+            for p in parts:
+                p.teacher = FullTeacher(p.teacher)
+        n = args.warmup + args.steps + 1
+        self.batches = [self.trainer.make_batch(i) for i in range(n)]
+        self.i = 0
+
+    def step(self) -> None:
+        with effkernels.use_backend(self.row.backend):
+            self.trainer.train_step(self.batches[self.i % len(self.batches)])
+        self.i += 1
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def _cpu_sdpa(query, key, value, *args, out_shape=None, **kw) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kw) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's flop counter knows the CUDA attention kernels but not the CPU one SDPA dispatches to here,
+# so attention (4 B N^2 D per block forward) was silently missing from CPU counts: counted as the
+# CUDA kernels are.
+CPU_ATTENTION_FLOPS = {}
+for _name, _fn in (("_scaled_dot_product_flash_attention_for_cpu", _cpu_sdpa),
+                   ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_sdpa_backward)):
+    if hasattr(torch.ops.aten, _name):
+        CPU_ATTENTION_FLOPS[getattr(torch.ops.aten, _name)] = _fn
+
+
+def count_flops(fn) -> int:
+    """FLOPs torch.utils.flop_counter counts while fn() runs (matmuls, convolutions, attention)."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def rss_kib() -> int:
+    """This process's resident set now (VmRSS), KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def cpu_peak_mib(args, row: Row, ds, data: str, out: str) -> tuple[float, float] | None:
+    """(peak RSS MiB, MiB above its RSS at the fork) of a forked child that builds `row` and runs 2 steps. The parent has run no torch op yet (no OpenMP pool to inherit), so the child is a clean
+    copy; the RSS at the fork (the imports) is subtracted, as it is the same for every row."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 0
+        try:
+            os.close(r)
+            base = rss_kib()  # what the child holds of the parent's pages when it starts
+            run = Runner(args, row, ds, data, out)
+            for _ in range(min(args.warmup, 1) + 1):  # the 2nd step holds the optimizer state and activations
+                run.step()
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            os.write(w, json.dumps({"peak": peak, "base": base}).encode())
+        except BaseException as e:  # noqa: BLE001 - report anything, never fall back into the parent's code
+            os.write(w, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
+            code = 1
+        finally:
+            os.close(w)
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        msg = json.loads(f.read() or '{"error": "child died"}')
+    os.waitpid(pid, 0)
+    if "error" in msg:
+        raise RuntimeError(f"memory child of row {row.label!r} failed: {msg['error']}")
+    return msg["peak"] / 1024, (msg["peak"] - msg["base"]) / 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# The measurement
+# ------------------------------------------------------------------------------------------------
+
+
+def measure(args, rows: list[Row]) -> list[dict]:
+    from effkernels.models.data import load_dataset
+
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = build(args.model, input_size=args.input_size, in_channels=args.channels,
-                  num_classes=args.classes, backend=backend).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(args.batch, args.channels, args.input_size, args.input_size, device=device)
-    y = torch.randint(0, args.classes, (args.batch,), device=device)
-    step = step_fn(model, opt, FlowMatching(), x, y, routes, amp=device.type == "cuda")
-    with FlopCounterMode(display=False) as fc:
-        step()
-    flops = fc.get_total_flops()
-    for _ in range(args.warmup):
-        step()
-    dt, peak = timed(step, args.steps, device)
-    return {"variant": label, "backend": backend, "s_per_step": dt, "images_per_s": args.batch / dt,
-            "gflops_per_step": flops / 1e9, "peak_mib": peak,
-            "params": sum(p.numel() for p in model.parameters())}
-
-
-def method_runner(args, spec: str):
-    """(step, flops, params, extra params) for one method's full training step at default options."""
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = build(args.model, input_size=args.input_size, in_channels=args.channels,
-                  num_classes=args.classes).to(device).train()
-    method = build_method(spec, model, args_from_json(None))
-    mods = torch.nn.ModuleDict(method.modules()).to(device).train()
-    # what attach() reads from a trainer: the EMA (SRA's teacher), the device, the options
-    gen = {"backbone": model, **{k: mods[k] for k in method.generator_modules}}
-    method.attach(SimpleNamespace(ema=EMA(gen, 0.999), device=device, args=SimpleNamespace(out=None), ds=None))
-    for a in method.aux_modules().values():
-        a.module.to(device)
-    params = list(model.parameters()) + list(mods.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(args.batch, args.channels, args.input_size, args.input_size, device=device)
-    y = torch.randint(0, args.classes, (args.batch,), device=device)
-    amp = device.type == "cuda"
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            loss = method.loss(model, {"x": x, "y": y, "generator": g}, 0)["loss"]
-        loss.backward()
-        opt.step()
-
-    with FlopCounterMode(display=False) as fc:
-        step()
-    return step, fc.get_total_flops(), sum(p.numel() for p in params)
-
-
-def measure_methods(args, specs: list[str]) -> list[dict]:
-    device = torch.device(args.device)
-    runners = {s: method_runner(args, s) for s in specs}
-    for s, (step, _, _) in runners.items():
-        for _ in range(args.warmup):
-            step()
-    times = {s: [] for s in specs}
-    peaks = {s: 0.0 for s in specs}
+    tmp = tempfile.mkdtemp(prefix="effkernels-bench-")
+    data = os.path.join(tmp, "data.npz")
+    write_data(args, data)
+    cpu_mem = device.type == "cpu" and args.memory
+    bar = Bar((len(rows) if cpu_mem else 0) + len(rows) * (args.repeats + 1), "bench")
+    peaks = {}
+    if cpu_mem:  # first, while this process has run no torch op
+        for i, row in enumerate(rows):
+            peaks[i] = None if row.compile else cpu_peak_mib(args, row, None, data, tmp)
+            bar.update(f"memory {row.label}")
+    ds = load_dataset(data)  # after the children: each child loads its own copy
+    flops, kept = {}, {}
+    for i, row in enumerate(rows):  # FLOPs of one eager step (the same math as the compiled one)
+        run = Runner(args, row, ds, data, tmp, compiled=False)
+        if run.trainer.aux:
+            run.step()  # step 0 is ACT's R1 step (a double backward the flop counter cannot run), and not timed
+        flops[i] = count_flops(run.step)
+        params = sum(p.numel() for p in run.trainer.params)
+        flops[i] = (flops[i], params)
+        if args.keep and not row.compile:
+            kept[i] = run  # its counted step was its first warm-up step
+        del run
+        bar.update(f"flops {row.label}")
+    times = {i: [] for i in range(len(rows))}
+    gpu_peak = {i: 0.0 for i in range(len(rows))}
     for _ in range(args.repeats):
-        for s, (step, _, _) in runners.items():
-            dt, peak = timed(step, args.steps, device)
-            times[s].append(dt)
-            peaks[s] = max(peaks[s], peak or 0.0)
-    rows = []
-    for s in specs:
-        ts = sorted(times[s])
-        dt = ts[len(ts) // 2]
-        rows.append({"variant": s, "backend": "auto", "s_per_step": dt, "images_per_s": args.batch / dt,
-                     "spread": (ts[0], ts[-1]), "gflops_per_step": runners[s][1] / 1e9,
-                     "peak_mib": peaks[s] if device.type == "cuda" else None, "params": runners[s][2]})
-    return rows
+        for i, row in enumerate(rows):
+            run = kept.get(i) or Runner(args, row, ds, data, tmp)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(max(0, args.warmup - run.i)):  # a kept row warms up once, in its first round
+                run.step()
+            run.sync()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                run.step()
+            run.sync()
+            times[i].append((time.perf_counter() - t) / args.steps)
+            if device.type == "cuda":
+                gpu_peak[i] = max(gpu_peak[i], torch.cuda.max_memory_allocated() / 2**20)
+            if row.compile or args.keep:
+                kept[i] = run
+            del run
+            bar.update(f"{row.label}")
+    bar.close()
+    base = times[0]
+    out = []
+    for i, row in enumerate(rows):
+        ts = times[i]
+        med = statistics.median(ts)
+        ratio = [b / t for b, t in zip(base, ts)]
+        f, params = flops[i]
+        peak = peaks.get(i)
+        rec = {"row": row.label, "method": row.method, "backend": row.backend, "compile": row.compile,
+               "s_per_step": med, "s_per_step_min": min(ts), "s_per_step_max": max(ts),
+               "images_per_s": args.batch / med, "speed_vs_sit": statistics.median(ratio),
+               "speed_vs_sit_min": min(ratio), "speed_vs_sit_max": max(ratio),
+               "gflops_per_step": f / 1e9, "flops_vs_sit": f / flops[0][0], "params": params,
+               "rounds": len(ts), "times": ts}
+        if device.type == "cuda":
+            rec["peak_mib"] = gpu_peak[i]
+            rec["memory"] = "CUDA allocator peak"
+        elif peak is not None:
+            rec["peak_rss_mib"], rec["peak_mib"] = peak
+            rec["memory"] = "peak RSS of a forked child, above its RSS at the fork"
+        else:
+            rec["peak_mib"] = None
+            rec["memory"] = "not measured (compiled row on the CPU)" if cpu_mem else "not measured (--no-memory)"
+        out.append(rec)
+    for rec in out:
+        p0 = out[0]["peak_mib"]
+        rec["memory_vs_sit"] = rec["peak_mib"] / p0 if rec["peak_mib"] is not None and p0 else None
+    return out
 
 
-def render(rows: list[dict]) -> str:
-    base = rows[0]
-    head = f"{'variant':<36}{'s/step':>9}{'img/s':>9}{'x base':>8}{'GFLOP/step':>12}{'x base':>8}{'peak MiB':>10}"
-    out = [head, "-" * len(head)]
-    for r in rows:
-        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        out.append(f"{r['variant']:<36}{r['s_per_step']:>9.3f}{r['images_per_s']:>9.1f}"
-                   f"{r['images_per_s'] / base['images_per_s']:>8.2f}{r['gflops_per_step']:>12.2f}"
-                   f"{r['gflops_per_step'] / base['gflops_per_step']:>8.2f}{peak:>10}")
-    return "\n".join(out)
+# ------------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny/1")
-    p.add_argument("--batch", type=int, default=128)
+def render(rows: list[dict], head: str) -> str:
+    def ms(r):
+        return f"{r['s_per_step']:.3g} ({r['s_per_step_min']:.3g}-{r['s_per_step_max']:.3g})"
+
+    def mem(r):
+        return "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+
+    def memx(r):
+        return "-" if r["memory_vs_sit"] is None else f"{r['memory_vs_sit']:.2f}"
+
+    table = markdown_table(
+        ["row", "s/step (range)", "images/s", "speed vs SiT (range)", "GFLOP/step", "FLOPs vs SiT",
+         "peak MiB", "memory vs SiT"],
+        [[r["row"], ms(r), f"{r['images_per_s']:.3g}",
+          f"{r['speed_vs_sit']:.2f} ({r['speed_vs_sit_min']:.2f}-{r['speed_vs_sit_max']:.2f})",
+          f"{r['gflops_per_step']:.3g}", f"{r['flops_vs_sit']:.2f}", mem(r), memx(r)] for r in rows])
+    return head + "\n\n" + table + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--methods", default="all",
+                   help="comma-separated methods or compositions (e.g. sit,tread,tread+repa), or 'all': every "
+                        "registered method and " + ", ".join(COMPOSITIONS))
+    p.add_argument("--whole-step", action="store_true",
+                   help="the dense SiT step on auto and reference instead (with --compile also compile(reference), "
+                        "compile(auto))")
+    p.add_argument("--model", default="tiny/2")
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--input-size", type=int, default=8)
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per round before the timed ones")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--backend", default="auto", help="the methods' backend: " + ", ".join(backends.BACKENDS))
+    p.add_argument("--compile", action="store_true", help="add a torch.compile row beside each eager row")
+    p.add_argument("--keep", action="store_true",
+                   help="build each row once and keep it for every round (all rows in memory at once; no "
+                        "rebuild and warm-up per round)")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the per-row memory children on the CPU")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--out", default=None, help="write the rows as JSON here")
-    p.add_argument("--methods", default=None, help="comma-separated methods to compare (e.g. sit,tread,maskdit)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds with --methods")
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    p.add_argument("--out", default=None, help="folder for <name>.md, .csv and .json")
+    return p
+
+
+def parse(argv=None):
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda needs a CUDA device; none is visible")
-    for name in ("batch", "steps", "input_size", "channels", "classes"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    depth = build(args.model, input_size=args.input_size, in_channels=args.channels,
-                  num_classes=args.classes).depth if args.model else 0
-    print(f"effkernels {effkernels.__version__}, torch {torch.__version__}, {args.device}, "
-          f"threads={torch.get_num_threads()}, model {args.model} (depth {depth}), batch {args.batch}, "
-          f"{args.channels}x{args.input_size}x{args.input_size}, {args.steps} timed steps")
-    if args.methods:
-        rows = measure_methods(args, [m.strip() for m in args.methods.split(",") if m.strip()])
+    for name in ("batch", "steps", "repeats", "input_size", "channels", "classes"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.warmup < 0 or a.threads < 0:
+        p.error("--warmup and --threads must be >= 0")
+    if a.model not in CONFIGS:
+        p.error(f"--model {a.model!r} is unknown; known: {', '.join(CONFIGS)}")
+    if a.input_size % patch_size(a.model):
+        p.error(f"--input-size {a.input_size} is not a multiple of {a.model}'s patch size")
+    if a.backend not in backends.BACKENDS:
+        p.error(f"--backend {a.backend!r} is unknown; known: {', '.join(backends.BACKENDS)}")
+    ok, why = (True, "") if a.backend == "auto" else backends.available(a.backend, torch.device(a.device))
+    if not ok or (a.backend == "triton" and a.device == "cpu"):
+        p.error(f"--backend {a.backend} cannot run on {a.device} here: "
+                f"{why if not ok else 'the Triton interpreter is a test tool, not timed'}")
+    if a.whole_step:
+        a.specs = ["sit"]
     else:
-        rows = [measure(args, *v) for v in variants(depth, torch.device(args.device))]
-    print(render(rows))
-    if args.methods:
-        print("spread of the rounds (s/step): " + ", ".join(
-            f"{r['variant']} {r['spread'][0]:.3f}-{r['spread'][1]:.3f}" for r in rows))
-    write_rows(rows, args.out)
+        a.specs = all_specs() if a.methods == "all" else [m.strip() for m in a.methods.split(",") if m.strip()]
+        if not a.specs:
+            p.error("--methods is empty")
+        for s in a.specs:
+            try:
+                parse_spec(s)
+            except ConfigError as e:
+                p.error(f"--methods: {e}")
+        if any("act" in s.split("+") for s in a.specs) and a.batch % 2:
+            p.error(f"act splits the batch into halves: --batch must be even, got {a.batch}")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rows = whole_step_rows(a.compile) if a.whole_step else method_rows(a.specs, a.backend, a.compile)
+    m = machine()
+    what = "whole dense SiT step per backend" if a.whole_step else "training step per method"
+    head = (f"{what}: {a.model}, {a.channels}x{a.input_size}x{a.input_size}, {a.classes} classes, batch {a.batch}, "
+            f"{a.device}, fp32{' (bf16 autocast)' if a.device == 'cuda' else ''}; {a.repeats} interleaved rounds of "
+            f"{a.warmup} warm-up + {a.steps} timed steps; median (range)\n{machine_line(m)}\ncommand: {m['command']}")
+    print(head.split("\n")[0], file=sys.stderr)
+    try:
+        res = measure(a, rows)
+    except ConfigError as e:
+        print(f"bench_train: error: {e}", file=sys.stderr)
+        return 2
+    md = render(res, head)
+    print(md)
+    stem = "whole_step" if a.whole_step else "methods"
+    for path in write_outputs(a.out, stem, res, md, {"machine": m, "args": {k: v for k, v in vars(a).items()}}):
+        print(f"wrote {path}")
     return 0
 
 
