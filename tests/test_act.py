@@ -89,3 +89,61 @@ def test_resume_in_the_middle_equals_an_uninterrupted_run(tmp_path):
     ra = train_mod.MetricsLog.read(str(tmp_path / "a" / "metrics.jsonl"))
     rb = train_mod.MetricsLog.read(str(tmp_path / "b" / "metrics.jsonl"))
     assert [round(r["loss"], 5) for r in ra] == [round(r["loss"], 5) for r in rb]
+
+
+def _act(**kw):
+    base = dict(steps=100, ct_s1=21, act_lambda=None, act_lambda_schedule="t-weighted", act_lambda_mid=0.2)
+    base.update(kw)
+    model = build("tiny/2", depth=1, hidden_size=32, num_heads=2, class_dropout_prob=0.0)
+    return model, ACT(model, argparse.Namespace(**base))
+
+
+def test_t_weighted_lambda_follows_the_release_formula_at_several_t():
+    import math
+
+    _, act = _act()
+    assert act.lam == 0.6  # the ImageNet64 config's gan_ratio; mid_weight 0.2
+    for n in (11, 21, 151):  # w depends on the grid position of t only, not on N
+        grid = act.sigmas(n)
+        for j in (0, 1, (n - 1) // 4, (n - 1) // 2, n - 2, n - 1):
+            want = 0.6 * (j / (n - 1)) ** (math.log(0.2 / 0.6) / math.log(0.5))
+            got = float(act.lambda_t(grid[j:j + 1]))
+            assert got == pytest.approx(want, rel=1e-9, abs=1e-12), (n, j)
+    ends = act.lambda_t(torch.tensor([0.002, 80.0], dtype=torch.float64))
+    assert ends[0].item() == pytest.approx(0.0, abs=1e-12) and ends[1].item() == pytest.approx(0.6)
+    assert float(act.lambda_t(act.sigmas(21)[10:11])) == pytest.approx(0.2)  # the grid's middle
+    _, const = _act(act_lambda_schedule="constant")
+    assert const.lam == 0.3 and torch.equal(const.lambda_t(act.sigmas(11)), torch.full((11,), 0.3, dtype=torch.float64))
+    with pytest.raises(ConfigError, match="--act-lambda-mid"):
+        _act(act_lambda=0.3, act_lambda_mid=0.4)
+
+
+def test_t_weighted_losses_mix_per_sample_and_weight_the_discriminator(seed):
+    model, act = _act()
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.rand(8, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (8,), generator=g)
+    batch = {"x": x, "y": y, "generator": torch.Generator().manual_seed(seed)}
+    out = act.objective(model, batch, 50, {})
+    lam = act.lambda_t(out["sigma"]).float()
+    adv = torch.nn.functional.softplus(-act.disc(out["pred"], act.cond(out["sigma"]).float()))  # p = 0: no augmentation
+    want = ((1 - lam) * out["loss_per_sample"] + lam * adv).mean()
+    torch.testing.assert_close(out["loss"], want, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(want, 0.7 * out["loss_per_sample"].mean() + 0.3 * adv.mean())  # not the constant mix
+    # D: per-image w(t) on its real and fake terms; the reals' t is the step generator's first draw
+    fake_sigma = act.sigmas(act.num_scales(50))[torch.tensor([1, 3, 5, 7])]
+    fake = out["pred"].detach()
+    step = 3  # not an R1 step (r1_every 16)
+    res = act.aux_loss("disc", act.disc, {"x": x, "y": y, "generator": torch.Generator().manual_seed(seed)}, step,
+                       {"pred": fake, "sigma": fake_sigma})
+    grid = act.sigmas(act.num_scales(step))
+    s_real = grid[torch.randint(0, grid.numel(), (4,), generator=torch.Generator().manual_seed(seed))]
+    sp = torch.nn.functional.softplus
+    want_d = (sp(-act.disc(x[4:], act.cond(s_real).float())) * act.t_weight(s_real).float()).mean() \
+        + (sp(act.disc(fake, act.cond(fake_sigma).float())) * act.t_weight(fake_sigma).float()).mean()
+    torch.testing.assert_close(res["loss"], want_d, rtol=1e-6, atol=1e-7)
+
+
+def test_t_weighted_trains_through_the_cli(tmp_path):
+    assert train_mod.main(_argv(tmp_path, "--steps", "3", "--act-lambda-schedule", "t-weighted")) == 0
+    rows = train_mod.MetricsLog.read(str(tmp_path / "metrics.jsonl"))
+    assert len(rows) == 3 and all(0 < r["act_lambda"] <= 0.6 for r in rows)

@@ -122,3 +122,114 @@ def test_trains_through_the_cli_and_reports_both_samplers(tmp_path, monkeypatch,
     assert evals and all("fd_2step" in r and "acc_2step" in r for r in evals)
     train_rows = [r for r in rows if "loss" in r]
     assert train_rows[-1]["ct_scales"] == 10 and train_rows[0]["ct_scales"] < 10
+
+
+# --- LPIPS (VGG16 from a local file, random weights in torchvision's official layout) -------------------------
+
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory):
+    """Random VGG16 trunk weights saved under torchvision's official keys (`features.N.*`), built by
+    torchvision's own VGG code. Only `features` is saved: the classifier (102M parameters) takes
+    half a minute to initialise on a busy CPU and LPIPS does not read it."""
+    pytest.importorskip("torchvision")
+    pytest.importorskip("lpips")
+    from torchvision.models import vgg as tv_vgg
+
+    torch.manual_seed(1234)
+    features = tv_vgg.make_layers(tv_vgg.cfgs["D"]).eval()
+    path = tmp_path_factory.mktemp("vgg") / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
+    return str(path), features
+
+
+def _lpips_by_hand(vgg, a, b, size):
+    """LPIPS v0.1 written out: scale, VGG16 relu{1_2,2_2,3_3,4_3,5_3}, unit-normalised channels,
+    squared difference, the wheel's 1x1 heads, spatial mean, summed over the five layers."""
+    import os
+
+    import lpips
+
+    heads = torch.load(os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth"), map_location="cpu")
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+
+    def feats(x):
+        x = torch.nn.functional.interpolate(x.expand(-1, 3, -1, -1), size=(size, size), mode="bilinear",
+                                            align_corners=False)
+        h, out = (x - shift) / scale, []
+        for lo, hi in ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30)):
+            h = vgg[lo:hi](h)
+            out.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return out
+
+    total = 0
+    for k, (fa, fb) in enumerate(zip(feats(a), feats(b.clamp(-1, 1)))):
+        total = total + torch.nn.functional.conv2d((fa - fb) ** 2, heads[f"lin{k}.model.1.weight"]).mean((1, 2, 3))
+    return total
+
+
+def test_lpips_from_a_local_official_layout_file_equals_the_formula_and_downloads_nothing(vgg_file, monkeypatch, seed):
+    import torchvision.models._api as tv_api
+
+    from effkernels.models.lpips_distance import LPIPSDistance
+
+    def no_download(*a, **k):
+        raise AssertionError("LPIPS tried to download weights")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", no_download, raising=False)
+    path, vgg = vgg_file
+    dist = LPIPSDistance(path, size=32)
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.rand(3, 1, 8, 8, generator=g) * 2 - 1).requires_grad_(True)
+    b = torch.rand(3, 1, 8, 8, generator=g) * 2.4 - 1.2  # outside [-1, 1]: the target is clipped
+    d = dist(a, b)
+    with torch.no_grad():
+        want = _lpips_by_hand(vgg, a, b, 32)
+    torch.testing.assert_close(d.detach(), want, rtol=1e-4, atol=1e-6)
+    assert d.shape == (3,) and bool((d > 0).all())
+    # 1 channel is the same image as its 3-channel repeat; identical images are at distance 0
+    torch.testing.assert_close(dist(a.detach().expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)), d.detach())
+    assert torch.equal(dist(b.clamp(-1, 1), b), torch.zeros(3))
+    d.sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in dist.parameters())
+    assert not dist.train().training  # the heads' dropout never turns on
+
+
+def test_lpips_bad_files_are_clear_errors_naming_them(vgg_file, tmp_path):
+    from effkernels.models.lpips_distance import LPIPSDistance
+
+    path, vgg = vgg_file
+    with pytest.raises(ValueError, match="nowhere.pth"):
+        LPIPSDistance(str(tmp_path / "nowhere.pth"))
+    sd = {f"features.{k}": v for k, v in vgg.state_dict().items()}
+    short = {k: v for k, v in sd.items() if k != "features.28.weight"}
+    torch.save(short, tmp_path / "short.pth")
+    with pytest.raises(ValueError, match=r"short\.pth.*features\.28\.weight"):
+        LPIPSDistance(str(tmp_path / "short.pth"))
+    wrong = dict(sd, **{"features.0.weight": torch.zeros(64, 1, 3, 3)})
+    torch.save(wrong, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match=r"wrong\.pth.*features\.0\.weight"):
+        LPIPSDistance(str(tmp_path / "wrong.pth"))
+    with pytest.raises(ValueError, match="--lpips-size"):
+        LPIPSDistance(path, size=16)
+    with pytest.raises(ConfigError, match="--lpips-vgg"):
+        CT(_model(), _args(ct_distance="lpips"))
+
+
+def test_ct_trains_on_lpips_through_the_cli(vgg_file, tmp_path, monkeypatch):
+    ct = CT(_model(), _args(ct_distance="lpips", lpips_vgg=vgg_file[0], lpips_size=32))
+    assert ct.lpips is None  # built on first use (or by the trainer's attach), so sampling never needs the file
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    d = ct.dist(x, x.flip(-1))
+    torch.testing.assert_close(d, ct.lpips(x, x.flip(-1)))
+    bad = CT(_model(), _args(ct_distance="lpips", lpips_vgg=str(tmp_path / "gone.pth")))
+    with pytest.raises(ValueError, match="gone.pth"):
+        bad.attach(None)
+    monkeypatch.setenv("EFFKERNELS_CACHE", str(tmp_path / "cache"))
+    argv = ["--out", str(tmp_path / "r"), "--method", "ct", "--model-kwargs", '{"depth": 1, "hidden_size": 32, "num_heads": 2}',
+            "--batch-size", "4", "--quiet", "--log-every", "1", "--steps", "2", "--eval-every", "0", "--ct-s1", "10",
+            "--ct-distance", "lpips", "--lpips-vgg", vgg_file[0], "--lpips-size", "32"]
+    assert train_mod.main(argv) == 0
+    rows = [r for r in train_mod.MetricsLog.read(str(tmp_path / "r" / "metrics.jsonl")) if "loss" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)

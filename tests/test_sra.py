@@ -105,6 +105,7 @@ def test_trains_through_the_cli_with_the_ema_as_teacher(tmp_path):
     tr = train_mod.Trainer(args)
     sra = tr.method.parts[0][1]
     assert sra.teacher is tr.ema.model
+    assert sra.steps_per_epoch == len(tr.ds) // 16  # the release counts epochs of full global batches
     assert train_mod.main(argv) == 0
     rows = train_mod.MetricsLog.read(str(tmp_path / "metrics.jsonl"))
     assert rows[-1]["loss"] < rows[0]["loss"] and "sra" in rows[0]
@@ -115,3 +116,34 @@ def test_composes_with_tread_and_maskdit(tmp_path, seed):
               "--eval-every", "0", "--quiet", "--steps", "2"]
     assert train_mod.main(["--out", str(tmp_path / "a"), "--method", "tread+sra", *common]) == 0
     assert train_mod.main(["--out", str(tmp_path / "b"), "--method", "maskdit+sra", *common]) == 0
+
+
+def test_smooth_l1_weight_follows_the_release_schedule():
+    model = build("tiny/2", **SMALL)
+    m = SRA(model, _args(sra_loss="smooth_l1"), steps_per_epoch=10)
+    assert m.schedule == "release" and SRA(model, _args()).schedule == "constant"
+
+    def release(epoch):  # the SRA release at 256 px: 2 * 0.1 ** (((epoch - 149) / 1000 + 1) if epoch > 149 else 1)
+        return 2 * 0.1 ** (((epoch - 149) / 1000 + 1) if epoch > 149 else 1)
+
+    for step in (0, 9, 10, 1499, 1500, 1509, 6490, 11490, 20000):
+        assert m.weight_at(step) == pytest.approx(release(step // 10), rel=1e-12), step
+    assert m.weight_at(11490) == pytest.approx(0.02) and m.weight_at(1499) == 0.2
+    fixed = SRA(model, _args(sra_loss="smooth_l1", sra_weight_schedule="constant"))
+    assert fixed.weight_at(10 ** 7) == 0.2
+    late = SRA(model, _args(sra_loss="smooth_l1", sra_decay_start=0.0, sra_decay_every=2.0), steps_per_epoch=1)
+    assert late.weight_at(4) == pytest.approx(0.2 * 0.01)
+    with pytest.raises(ConfigError, match="steps_per_epoch"):
+        SRA(model, _args(sra_loss="smooth_l1")).weight_at(5)
+    with pytest.raises(ConfigError, match="--sra-decay-every"):
+        SRA(model, _args(sra_decay_every=0.0))
+
+
+def test_smooth_l1_term_uses_the_scheduled_weight(seed):
+    model, teacher, m = _setup(seed, sra_loss="smooth_l1", sra_decay_start=0.0, sra_decay_every=1.0)
+    m.steps_per_epoch = 1
+    model.y_embedder.dropout_prob = 0.0
+    r0 = Composite([("sra", m)]).loss(model, _batch(seed), 0)["sra"]
+    r2 = Composite([("sra", m)]).loss(model, _batch(seed), 2)["sra"]  # same batch and draws, epoch 2: 100x less
+    assert r0 > 0
+    torch.testing.assert_close(r2, r0 * 0.01, rtol=1e-6, atol=0)

@@ -3,8 +3,17 @@
 A discriminator conditioned on sigma sees clean-space images only: fakes are the online
 consistency outputs f(x + t z, t) of the generator's half of the batch, reals the other half at an
 independent t (one G step and one D step per iteration on disjoint real batches). Non-saturating
-logistic losses. The generator minimises (1 - lambda) d_ct + lambda softplus(-D(fake, t)), lambda
-= 0.3 (the t-weighted ImageNet variant is not built: METHODS.md does not give its weighting).
+logistic losses. The generator minimises the per-sample mean of (1 - lambda) d_ct + lambda
+softplus(-D(fake, t)): lambda = 0.3 constant (CIFAR), or `--act-lambda-schedule t-weighted`, the
+ImageNet64 config of ACT's release (train_imagenet64.py there, read for its formula, not copied):
+    lambda(t) = lambda_max * w(t),  w(t) = u(t) ** log2(lambda_max / lambda_mid),
+    u(t) = (t^(1/rho) - sigma_min^(1/rho)) / (sigma_max^(1/rho) - sigma_min^(1/rho))  in [0, 1],
+i.e. the Karras-grid index of t over N - 1 (so w does not depend on N), lambda_max = 0.6 and
+lambda_mid = 0.2 there: lambda is 0.6 at sigma_max, 0.2 at the grid's middle, 0 at sigma_min (the
+adversarial term matters where the one-step output is blurriest). As in that config, the same w(t)
+also weights the discriminator's per-sample real and fake losses and its R1 penalty (at each
+image's own t); its extra factor lambda_max on the whole discriminator loss is left out (a constant
+scale of the loss, which Adam's update ignores up to its epsilon).
 
 The discriminator is a small conv net (image-shaped inputs, cheap at every size this library trains
 on the CPU; a DiT-style one would cost as much as the generator) with the backbone's sinusoidal time
@@ -22,6 +31,8 @@ first 300-1000 steps, so p starts rising after about 250 steps and would need 50
 steps) to go from 0 to 1.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +104,14 @@ class ACT(CT):
 
     @staticmethod
     def add_args(group) -> None:
-        group.add_argument("--act-lambda", type=float, default=0.3, help="adversarial weight in the generator loss")
+        group.add_argument("--act-lambda", type=float, default=None,
+                           help="adversarial weight in the generator loss (its value at sigma_max when t-weighted); "
+                                "default 0.3 constant (CIFAR), 0.6 t-weighted (ImageNet64)")
+        group.add_argument("--act-lambda-schedule", choices=("constant", "t-weighted"), default="constant",
+                           help="constant lambda, or ACT's ImageNet lambda(t) = lambda u(t)^log2(lambda/mid), u the "
+                                "Karras-grid position of t in [0, 1] (also weights D's losses and R1 per image)")
+        group.add_argument("--act-lambda-mid", type=float, default=0.2,
+                           help="t-weighted: lambda at the middle of the grid (u = 1/2); 0 < mid <= lambda")
         group.add_argument("--act-d-lr", type=float, default=1e-4, help="discriminator learning rate")
         group.add_argument("--act-d-width", type=int, default=64, help="discriminator base width")
         group.add_argument("--r1-every", type=int, default=16, help="R1 penalty every N steps (lazy, scaled by N)")
@@ -105,7 +123,17 @@ class ACT(CT):
     def __init__(self, model=None, args=None):
         super().__init__(model, args)
         g = lambda k, d: getattr(args, k, d)  # noqa: E731
-        self.lam = float(g("act_lambda", 0.3))
+        self.schedule = g("act_lambda_schedule", "constant") or "constant"
+        if self.schedule not in ("constant", "t-weighted"):
+            raise ConfigError(f"--act-lambda-schedule must be constant or t-weighted, got {self.schedule!r}")
+        lam = g("act_lambda", None)
+        self.lam = float(lam) if lam is not None else (0.3 if self.schedule == "constant" else 0.6)
+        self.lam_mid = float(g("act_lambda_mid", 0.2))
+        if self.schedule == "t-weighted" and not 0 < self.lam_mid <= self.lam:
+            raise ConfigError(f"--act-lambda-schedule t-weighted needs 0 < --act-lambda-mid <= --act-lambda, got "
+                              f"{self.lam_mid} and {self.lam}")
+        # the exponent log_{1/2}(mid / lambda): u = 1/2 gives lambda * (1/2)^e = mid
+        self.lam_exp = math.log2(self.lam / self.lam_mid) if self.schedule == "t-weighted" else 0.0
         self.r1_every, self.r1_gamma = int(g("r1_every", 16)), float(g("r1_gamma", 10.0))
         self.ada_target, self.ada_step = float(g("ada_target", 0.01)), float(g("ada_step", 0.02))
         if not 0 <= self.lam <= 1:
@@ -131,14 +159,30 @@ class ACT(CT):
         second = {k: (v[h:] if torch.is_tensor(v) and v.dim() and v.shape[0] == b else v) for k, v in batch.items()}
         return first, second
 
+    def t_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """w(t) = u(t) ** log2(lambda / mid), u the Karras-grid position of t in [0, 1] (float64);
+        all ones for the constant schedule."""
+        s = sigma.to(torch.float64)
+        if self.schedule == "constant":
+            return torch.ones_like(s)
+        a, b = self.s_min ** (1 / self.rho), self.s_max ** (1 / self.rho)
+        u = ((s ** (1 / self.rho) - a) / (b - a)).clamp(0.0, 1.0)
+        return u ** self.lam_exp
+
+    def lambda_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The generator's adversarial weight per sample: lambda, or lambda * w(t)."""
+        return self.lam * self.t_weight(sigma)
+
     def objective(self, model, batch, step, options):
         g_batch, _ = self.halves(batch)
         out = super().objective(model, g_batch, step, options)
         fake, sigma = out["pred"], out["sigma"]
-        adv = F.softplus(-self.disc(self._aug(fake, batch), self.cond(sigma).float())).mean()
+        adv = F.softplus(-self.disc(self._aug(fake, batch), self.cond(sigma).float()))
+        lam = self.lambda_t(sigma).to(adv.dtype)
         out["ct_distance"] = out["loss"].detach()
-        out["g_adv"] = adv.detach()
-        out["loss"] = (1 - self.lam) * out["loss"] + self.lam * adv
+        out["g_adv"] = adv.mean().detach()
+        out["act_lambda"] = lam.mean()
+        out["loss"] = ((1 - lam) * out.pop("distance_per_sample") + lam * adv).mean()
         return out
 
     def _aug(self, x, batch):
@@ -158,11 +202,12 @@ class ACT(CT):
             real_aug = real_aug.detach().requires_grad_(True)
         d_real = module(real_aug, self.cond(s_real).float())
         d_fake = module(self._aug(fake, batch), self.cond(s_fake).float())
-        loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+        w_real, w_fake = self.t_weight(s_real).to(d_real.dtype), self.t_weight(s_fake).to(d_fake.dtype)
+        loss = (F.softplus(-d_real) * w_real).mean() + (F.softplus(d_fake) * w_fake).mean()
         res = {"d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach()}
         if do_r1:
             (grad,) = torch.autograd.grad(d_real.sum(), real_aug, create_graph=True)
-            r1 = grad.pow(2).flatten(1).sum(1).mean()
+            r1 = (grad.pow(2).flatten(1).sum(1) * w_real).mean()
             loss = loss + 0.5 * self.r1_gamma * self.r1_every * r1
             self.update_p(float(r1.detach()))
             res.update(r1=r1.detach(), ada_p=torch.tensor(self.p))

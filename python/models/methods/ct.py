@@ -8,12 +8,12 @@ The Karras grid of N(k) points (rho 7), with N(k) = round(sqrt(k / K (s1^2 - s0^
 from s0 = 2 to s1 over the K = --steps of the run's start (kept in the checkpoint), and the target network's decay mu(k) =
 exp(s0 ln mu0 / (N(k) - 1)), mu0 = 0.9. Per sample an index i: the online net at t_{i+1}, the target
 net (no grad) at t_i, the same z; the distance pseudo-Huber (iCT: sqrt(||a - b||^2 + c^2) - c,
-c = 0.00054 sqrt(dim)) or L2. The target net is the method's own EMA (updated before each step from
+c = 0.00054 sqrt(dim)), L2, or LPIPS from a local VGG16 file (lpips_distance.py; ACT's release uses it). The target net is the method's own EMA (updated before each step from
 the weights the last step produced); the trainer's evaluation EMA is separate and is what samples.
 
 Noise conditioning: c_noise = 250 ln(sigma) by default (CM's 1000 * 0.25 ln sigma): over [0.002, 80]
 it spans about 2650, the range DiT's sinusoidal time embedder (max period 10^4) was built for with
-t in [0, 1000); `--ct-noise-cond raw` (ACT's raw sigma) and `ecd` (ECT's ln(sigma) / 4) are options.
+t in [0, 1000); `--ct-noise-cond raw` (ACT's raw sigma) and `ect` (ECT's ln(sigma) / 4) are options.
 
 Sampling: one step f(sigma_max z, sigma_max); two steps re-noise that to tau = 0.821 and apply f
 again. The trainer's evaluation reports both (fd / fd_2step).
@@ -46,10 +46,18 @@ class CT(Method):
         group.add_argument("--ct-rho", type=float, default=7.0)
         group.add_argument("--ct-s0", type=int, default=2, help="grid points at the start (N grows s0 -> s1)")
         group.add_argument("--ct-s1", type=int, default=150, help="grid points at the end (CIFAR's 150)")
-        group.add_argument("--ct-mu0", type=float, default=0.9, help="target EMA decay at N = s0")
-        group.add_argument("--ct-distance", choices=("pseudo_huber", "l2"), default="pseudo_huber",
-                           help="pseudo-Huber (iCT) or squared L2; an ImageNet-feature distance (LPIPS) could "
-                                "flatter an ImageNet-feature FID")
+        group.add_argument("--ct-mu0", type=float, default=0.9,
+                           help="target EMA decay at N = s0 (0: iCT's target, the online weights without grad)")
+        group.add_argument("--ct-distance", choices=("pseudo_huber", "l2", "lpips"), default="pseudo_huber",
+                           help="pseudo-Huber (iCT), squared L2, or LPIPS (VGG16, ACT's release; needs --lpips-vgg "
+                                "and the lpips extra). Caution: LPIPS is an ImageNet-feature distance, and training "
+                                "on it can flatter an ImageNet-feature FID (Inception) without better samples")
+        group.add_argument("--lpips-vgg", default=None, metavar="PATH",
+                           help="LOCAL torchvision VGG16 state dict (official key layout, e.g. vgg16-397923af.pth) "
+                                "for --ct-distance lpips; nothing is downloaded (the LPIPS heads ship in the lpips wheel)")
+        group.add_argument("--lpips-size", type=int, default=224,
+                           help="images are resized bilinearly to this square size before LPIPS (ACT's 224; >= 32, "
+                                "since VGG16 pools 4 times; 1-channel images are repeated to 3)")
         group.add_argument("--ct-noise-cond", choices=tuple(NOISE_COND), default="cm",
                            help="what the time embedder sees: cm = 250 ln(sigma), raw = sigma, ect = ln(sigma)/4")
         group.add_argument("--ct-tau", type=float, default=0.821, help="the two-step sampler's intermediate sigma")
@@ -65,6 +73,9 @@ class CT(Method):
         self.sd, self.rho = float(g("ct_sigma_data", 0.5)), float(g("ct_rho", 7.0))
         self.s0, self.s1, self.mu0 = int(g("ct_s0", 2)), int(g("ct_s1", 150)), float(g("ct_mu0", 0.9))
         self.distance = g("ct_distance", "pseudo_huber")
+        self.lpips, self.lpips_vgg, self.lpips_size = None, g("lpips_vgg", None), int(g("lpips_size", 224) or 224)
+        if self.distance == "lpips" and not self.lpips_vgg:
+            raise ConfigError("--ct-distance lpips needs --lpips-vgg PATH (a local VGG16 weights file)")
         self.cond = NOISE_COND[g("ct_noise_cond", "cm")]
         self.tau = float(g("ct_tau", 0.821))
         self.total_steps = int(g("ct_total_steps", None) or g("steps", 1000))
@@ -73,8 +84,8 @@ class CT(Method):
                               f"{self.s_max}")
         if not 2 <= self.s0 <= self.s1:
             raise ConfigError(f"need 2 <= --ct-s0 <= --ct-s1, got {self.s0}, {self.s1}")
-        if not 0 < self.mu0 < 1:
-            raise ConfigError(f"--ct-mu0 must lie in (0, 1), got {self.mu0}")
+        if not 0 <= self.mu0 < 1:
+            raise ConfigError(f"--ct-mu0 must lie in [0, 1), got {self.mu0}")
         self.backbone = model
         self.target = copy.deepcopy(model).requires_grad_(False)
 
@@ -85,7 +96,9 @@ class CT(Method):
         return int(round(math.sqrt(frac * (self.s1 ** 2 - self.s0 ** 2) + self.s0 ** 2)))
 
     def target_decay(self, k: int) -> float:
-        """mu(k) = exp(s0 ln mu0 / (N(k) - 1))."""
+        """mu(k) = exp(s0 ln mu0 / (N(k) - 1)); 0 for mu0 = 0 (iCT)."""
+        if self.mu0 == 0:
+            return 0.0
         return math.exp(self.s0 * math.log(self.mu0) / (self.num_scales(k) - 1))
 
     def sigmas(self, n: int, device=None) -> torch.Tensor:
@@ -93,6 +106,18 @@ class CT(Method):
         i = torch.arange(n, dtype=torch.float64, device=device) / (n - 1)
         a, b = self.s_min ** (1 / self.rho), self.s_max ** (1 / self.rho)
         return (a + i * (b - a)) ** self.rho
+
+    def load_lpips(self):
+        """Build the LPIPS network from --lpips-vgg once. Not in __init__: effkernels-sample rebuilds
+        the method from a checkpoint's options and never needs the distance (or the VGG file)."""
+        if self.lpips is None and self.distance == "lpips":
+            from ..lpips_distance import LPIPSDistance
+
+            self.lpips = LPIPSDistance(self.lpips_vgg, size=self.lpips_size)
+        return self.lpips
+
+    def attach(self, trainer) -> None:
+        self.load_lpips()  # training: a missing or wrong --lpips-vgg file fails before the first step
 
     # --- the consistency function ------------------------------------------------------------------
     def f(self, net, x: torch.Tensor, sigma: torch.Tensor, y) -> torch.Tensor:
@@ -107,7 +132,13 @@ class CT(Method):
         return c_skip.view(view).to(x.dtype) * x + c_out.view(view).to(x.dtype) * out
 
     def dist(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Per sample: pseudo-Huber sqrt(||a - b||^2 + c^2) - c, c = 0.00054 sqrt(dim), or ||a - b||^2."""
+        """Per sample: pseudo-Huber sqrt(||a - b||^2 + c^2) - c, c = 0.00054 sqrt(dim), ||a - b||^2, or
+        LPIPS(a, clip(b)) (lpips_distance.py)."""
+        if self.distance == "lpips":
+            self.load_lpips()
+            if next(self.lpips.parameters()).device != a.device:
+                self.lpips.to(a.device)  # frozen and rebuilt from its file: not part of the checkpoint
+            return self.lpips(a, b)
         sq = (a.float() - b.float()).pow(2).flatten(1).sum(1)
         if self.distance == "l2":
             return sq
@@ -130,7 +161,7 @@ class CT(Method):
             self.target.train(self.backbone.training)  # the same label dropout regime, no grad
             target = self.f(self.target, x + t_lo.view(-1, 1, 1, 1).to(x.dtype) * z, t_lo, y)
         d = self.dist(online, target)
-        return {"loss": d.mean(), "loss_per_sample": d.detach(), "ct_scales": torch.tensor(float(n)),
+        return {"loss": d.mean(), "loss_per_sample": d.detach(), "distance_per_sample": d, "ct_scales": torch.tensor(float(n)),
                 "pred": online, "sigma": t_hi, "noise": z, "options": {}}
 
     def before_step(self, trainer, step):

@@ -6,8 +6,13 @@ x, the same noise and the same post-dropout labels, at LESS noise per sample:
 The student's hidden state at depth s goes through a head Linear(D, 2D) - SiLU - Linear(2D, D); the
 teacher's raw hidden state at depth t_b is the target, its forward stopped there (stop_at). Loss:
 the per-token cosine over the feature dimension (effkernels.ops.cosine_alignment_loss, fused,
-float32), weight 0.5 at every step; `--sra-loss smooth_l1` (beta 0.05, weight 0.2) is the paper's
-original form, at a constant weight here (METHODS.md gives no schedule for its decay).
+float32), weight 0.5 at every step; `--sra-loss smooth_l1` (beta 0.05) is the paper's original form,
+with the weight schedule of the authors' release (SiT-SRA/train.py, read for its formula, not copied):
+    weight(epoch) = 0.2                                      for epoch <= E0
+                  = 0.2 * 0.1 ** ((epoch - E0) / L)          after (ten times smaller every L epochs)
+with E0 = 149, L = 1000 at 256 px (their 512 px runs: 99, 800), epoch = the integer count of passes
+over the data (step * global batch // data set size), as their loop counts it. `--sra-weight-schedule
+constant` keeps the weight fixed (the release's cosine loss is constant 0.5, our default).
 
 Label dropout is drawn here and passed to the student (force_drop_ids) and to the teacher, so both
 see the same labels. Composition: with TREAD the student's hidden state is the full sequence; with
@@ -51,9 +56,19 @@ class SRA(Method):
         group.add_argument("--sra-loss", choices=("cosine", "smooth_l1"), default="cosine",
                            help="per-token cosine over features (default) or the paper's smooth-L1 (beta 0.05)")
         group.add_argument("--sra-weight", type=float, default=None,
-                           help="weight of the alignment term; default 0.5 (cosine) or 0.2 (smooth_l1)")
+                           help="weight of the alignment term (at the start, if it decays); default 0.5 (cosine) or "
+                                "0.2 (smooth_l1)")
+        group.add_argument("--sra-weight-schedule", choices=("constant", "release"), default=None,
+                           help="release: the weight stays until epoch --sra-decay-start, then falls 10x every "
+                                "--sra-decay-every epochs (the SRA release's smooth-L1 schedule); default release for "
+                                "smooth_l1, constant for cosine")
+        group.add_argument("--sra-decay-start", type=float, default=149.0,
+                           help="epoch after which the release schedule decays (their 256 px value; 512 px: 99)")
+        group.add_argument("--sra-decay-every", type=float, default=1000.0,
+                           help="epochs per 10x decay of the release schedule (their 256 px value; 512 px: 800)")
 
-    def __init__(self, model=None, args=None, *, teacher: nn.Module | None = None):
+    def __init__(self, model=None, args=None, *, teacher: nn.Module | None = None,
+                 steps_per_epoch: float | None = None):
         super().__init__(model, args)
         if model is None:
             raise ConfigError("SRA needs the backbone to size its head")
@@ -71,6 +86,15 @@ class SRA(Method):
         self.weight = float(w) if w is not None else (0.5 if self.loss_kind == "cosine" else 0.2)
         if self.weight < 0:
             raise ConfigError(f"--sra-weight must be >= 0, got {self.weight}")
+        sched = getattr(args, "sra_weight_schedule", None)
+        self.schedule = sched or ("release" if self.loss_kind == "smooth_l1" else "constant")
+        self.decay_start = float(getattr(args, "sra_decay_start", 149.0))
+        self.decay_every = float(getattr(args, "sra_decay_every", 1000.0))
+        if self.decay_start < 0 or self.decay_every <= 0:
+            raise ConfigError(f"need --sra-decay-start >= 0 and --sra-decay-every > 0, got {self.decay_start}, "
+                              f"{self.decay_every}")
+        # optimizer steps per pass over the data; the trainer's attach sets it from the data set
+        self.steps_per_epoch = steps_per_epoch
         d = model.hidden_size
         self.head = nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d))
         self.backbone = model
@@ -81,6 +105,22 @@ class SRA(Method):
 
     def attach(self, trainer) -> None:
         self.teacher = trainer.ema.model  # the EMA the trainer updates after every step
+        # the release's loader drops the last partial batch: floor(N / global batch) steps per epoch
+        self.steps_per_epoch = max(1, len(trainer.ds) // trainer.args.batch_size)
+
+    def epoch(self, step: int) -> int:
+        """Completed passes over the data before `step` (the release's integer epoch counter)."""
+        if self.steps_per_epoch is None:
+            raise ConfigError("SRA's release weight schedule counts epochs: run it in the trainer or pass "
+                              "steps_per_epoch=")
+        return int(step // self.steps_per_epoch)
+
+    def weight_at(self, step: int) -> float:
+        """The alignment weight at `step`: constant, or w0 until epoch E0, then w0 * 0.1^((epoch - E0) / L)."""
+        if self.schedule == "constant":
+            return self.weight
+        e = self.epoch(step)
+        return self.weight if e <= self.decay_start else self.weight * 0.1 ** ((e - self.decay_start) / self.decay_every)
 
     def forward_options(self, model, batch, step):
         opts = {"return_hidden": (self.student_depth,)}
@@ -123,4 +163,4 @@ class SRA(Method):
             loss = ops.cosine_alignment_loss(z_hat, z)
         else:
             loss = ops.smooth_l1_alignment_loss(z_hat, z, 0.05)
-        return {"sra": self.weight * loss}
+        return {"sra": self.weight_at(step) * loss}
