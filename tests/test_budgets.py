@@ -222,6 +222,21 @@ def test_bad_ranges_name_the_option(option, spec, match):
         TREAD(model, _tread_args(route_ratio_range="0.2:0.4", route=["1:2:0.3"]))
 
 
+def test_packed_maskdit_with_an_alignment_term_is_an_error_at_build(seed):
+    """The alignment terms read a (B, K) keep_idx; a packed one must stop the run when it is built,
+    not fail inside the first step."""
+    from effkernels.models.methods import Composite
+    from effkernels.models.methods.sra import SRA
+
+    model = build("tiny/2", depth=6, hidden_size=32, num_heads=2)
+    packed = MaskDiT(model, _mask_args(mask_ratio_range="0.3:0.6"))
+    sra_args = argparse.Namespace(sra_student_depth=2, sra_teacher_depth=4, sra_t_max=0.2, sra_loss="cosine",
+                                  sra_weight=0.5)
+    with pytest.raises(ConfigError, match="do not take packed hidden states"):
+        Composite([("maskdit", packed), ("sra", SRA(model, sra_args))])
+    Composite([("maskdit", MaskDiT(model, _mask_args())), ("sra", SRA(model, sra_args))])  # fixed ratio: fine
+
+
 @pytest.mark.slow
 def test_compiled_packed_route_step_matches_eager(seed):
     """fullgraph torch.compile of a routed step with a pre-drawn TokenPack: one graph, eager's loss

@@ -16,7 +16,7 @@ SMALL = dict(depth=2, hidden_size=32, num_heads=2, class_dropout_prob=0.0)
 
 
 def _args(**kw):
-    base = dict(steps=100, ct_s0=2, ct_s1=150, ct_mu0=0.9)
+    base = dict(steps=100, ct_s0=2, ct_s1=150, ct_mu0=0.9, ct_noise_cond="cm")
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -233,3 +233,14 @@ def test_ct_trains_on_lpips_through_the_cli(vgg_file, tmp_path, monkeypatch):
     assert train_mod.main(argv) == 0
     rows = [r for r in train_mod.MetricsLog.read(str(tmp_path / "r" / "metrics.jsonl")) if "loss" in r]
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+
+
+def test_defaults_follow_the_width(seed):
+    """The paper's grid, decay and conditioning at DiT widths; the settings measured on digits
+    (s1 10, iCT's mu0 0, ECT's ln(sigma)/4) for the tiny models; explicit options win."""
+    tiny = CT(_model(), argparse.Namespace(steps=100))
+    assert (tiny.s1, tiny.mu0, tiny.noise_cond, tiny.target_decay(50)) == (10, 0.0, "ect", 0.0)
+    wide = CT(build("tiny/2", depth=1, hidden_size=384, num_heads=6), argparse.Namespace(steps=100))
+    assert (wide.s1, wide.mu0, wide.noise_cond) == (150, 0.9, "cm")
+    given = CT(_model(), argparse.Namespace(steps=100, ct_s1=40, ct_mu0=0.5, ct_noise_cond="raw"))
+    assert (given.s1, given.mu0, given.noise_cond) == (40, 0.5, "raw")

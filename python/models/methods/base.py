@@ -203,6 +203,14 @@ class Composite(Method):
                     raise ConfigError(f"method {n!r} defines the whole loss itself and cannot be combined; "
                                       "define objective/forward_options/extra_losses to compose")
         self._plan = self._token_planner()
+        for n, p in self.parts:
+            # A packed keep index (MaskDiT's --mask-ratio-range) gives hidden states as (T, D) rows
+            # with a different count per sample; the alignment terms gather their targets at a
+            # (B, K) keep_idx and average tokens evenly, so they would fail mid-step or weigh wrongly.
+            readers = [m for m, q in self.parts if m != n and _overrides(q, "extra_losses")]
+            if getattr(p, "packs_keep_idx", False) and readers:
+                raise ConfigError(f"{n!r} with a per-sample ratio range packs each sample's kept tokens; "
+                                  f"{readers} do not take packed hidden states yet: use a fixed ratio")
         objectives = [(n, p) for n, p in self.parts if p.owns_objective]
         if len(objectives) > 1:
             raise ConfigError(f"methods {objectives[0][0]!r} and {objectives[1][0]!r} both define the objective")

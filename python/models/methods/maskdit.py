@@ -184,6 +184,11 @@ class MaskDiT(Method):
         if self.ratio_range is not None and self.keep_count(self.ratio_range[1]) < 1:
             raise ConfigError(f"--mask-ratio-range: ratio {self.ratio_range[1]} keeps no token of {model.num_patches}")
 
+    @property
+    def packs_keep_idx(self) -> bool:
+        """True when keep_idx is a TokenPack (per-sample counts), which Composite checks."""
+        return self.ratio_range is not None
+
     def keep_count(self, ratio: float) -> int:
         """K = int(N (1 - ratio)), the paper's exact count."""
         return int(self.backbone.num_patches * (1 - ratio))
