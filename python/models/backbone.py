@@ -127,12 +127,20 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        mod = self.adaLN_modulation(c)
-        if segment_ids is not None:  # packed x (T, D): each row takes its sample's modulation
-            mod, x = mod.index_select(0, segment_ids).unsqueeze(0), x.unsqueeze(0)
-        shift, scale = mod.to(x.dtype).chunk(2, dim=-1)  # (B, D) strided views
-        out = self.linear(self.norm_final(x, shift, scale))
-        return out if segment_ids is None else out[0]
+        return modulated_linear(x, c, self.adaLN_modulation, self.norm_final, self.linear, segment_ids)
+
+
+def modulated_linear(x: torch.Tensor, c: torch.Tensor, modulation, norm, linear,
+                     segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(norm(x, shift, scale)) with (shift, scale) = modulation(c).chunk(2): the final layer's
+    arithmetic, which MaskDiT's bridge shares. x (B, N, D) with c (B, C), or packed x (T, D) with
+    segment_ids (T,), each row taking its sample's modulation (computed once per sample)."""
+    mod = modulation(c)
+    if segment_ids is not None:
+        mod, x = mod.index_select(0, segment_ids).unsqueeze(0), x.unsqueeze(0)
+    shift, scale = mod.to(x.dtype).chunk(2, dim=-1)  # strided views
+    out = linear(norm(x, shift, scale))
+    return out if segment_ids is None else out[0]
 
 
 #################################################################################

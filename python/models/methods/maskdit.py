@@ -32,7 +32,7 @@ from effkernels import ops
 from effkernels.nn import DiTBlock, ModulatedLayerNorm
 from effkernels.nn.routing import TokenPack, draw_ratios
 
-from ..backbone import get_2d_sincos_pos_embed
+from ..backbone import get_2d_sincos_pos_embed, modulated_linear
 from ..objectives import interpolate, mean_prediction, velocity_target
 from . import register_method
 from .base import ConfigError, Method, draw_label_dropout
@@ -57,12 +57,7 @@ class AdaLNLinear(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        mod = self.adaLN_modulation(c)
-        if segment_ids is not None:  # packed x (T, D): each row takes its sample's modulation
-            mod, x = mod.index_select(0, segment_ids).unsqueeze(0), x.unsqueeze(0)
-        shift, scale = mod.to(x.dtype).chunk(2, dim=-1)  # (B, D) strided views
-        out = self.linear(self.norm(x, shift, scale))
-        return out if segment_ids is None else out[0]
+        return modulated_linear(x, c, self.adaLN_modulation, self.norm, self.linear, segment_ids)
 
 
 class MaskDecoder(nn.Module):
