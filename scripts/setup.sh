@@ -34,6 +34,6 @@ PY
 if [ "$(cat .venv/.effkernels-install 2>/dev/null)" = "$stamp" ] && $V/python -c "import effkernels" 2>/dev/null; then
   echo "setup: .venv is up to date (rm .venv/.effkernels-install to force a reinstall)"
 else
-  $V/python -m pip install -q --no-build-isolation -e ".[dev,train,encoders]"
+  $V/python -m pip install -q --no-build-isolation -e ".[dev,train,encoders,lpips,vae,inception]"
   echo "$stamp" > .venv/.effkernels-install
 fi
