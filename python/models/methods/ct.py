@@ -137,8 +137,11 @@ class CT(Method):
     def f(self, net, x: torch.Tensor, sigma: torch.Tensor, y) -> torch.Tensor:
         """c_skip x + c_out F(c_in x, c_noise, y), sigma (B,): f(x, sigma_min) = x exactly."""
         s = sigma.to(torch.float64)
-        c_skip = self.sd ** 2 / ((s - self.s_min) ** 2 + self.sd ** 2)
-        c_out = (s - self.s_min) * self.sd / (self.sd ** 2 + s ** 2).sqrt()
+        # sigma_min rounded as sigma was (float32 0.002 is not float64 0.002): else s - s_min is
+        # ~1e-10 at the boundary and c_out F leaks into f(x, sigma_min), which must equal x exactly.
+        s_min = float(torch.tensor(self.s_min, dtype=sigma.dtype))
+        c_skip = self.sd ** 2 / ((s - s_min) ** 2 + self.sd ** 2)
+        c_out = (s - s_min) * self.sd / (self.sd ** 2 + s ** 2).sqrt()
         c_in = 1 / (s ** 2 + self.sd ** 2).sqrt()
         view = (-1,) + (1,) * (x.dim() - 1)
         out = net(x * c_in.view(view).to(x.dtype), self.cond(s).to(torch.float32), y)
