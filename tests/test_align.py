@@ -345,3 +345,45 @@ def test_norm_floor_is_eps_except_float16():
     assert ref.norm_clamp(1e-3, torch.float16) == 1e-3
     # Why tiny: 1 / tiny is a quarter of the max in every IEEE format, so a mean loss's gradient
     # (|dcos| <= 1, divided by the clamped norm) stays finite; zero_row_case checks it on real rows.
+
+
+# ---------------------------------------------------------------------------------------------
+# token_weight: a weighted sum of the per-token losses (per-sample token budgets)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_token_weighted_losses_are_the_weighted_sums(seed, backend):
+    """loss(token_weight=w) = sum w * (per-token loss) against plain float64 loops, for every loss
+    and the fused projection; uniform 1/(B N) weights give the unweighted mean."""
+    B, N, D, K = 2, 5, 7, 3
+    zh, z, w = torch.randn(B, N, D), torch.randn(B, N, D), torch.rand(B, N)
+    h, W, b = torch.randn(B, N, K), torch.randn(D, K), torch.randn(D)
+    zd, zhd = z.double(), zh.double()
+    cos = [[(zhd[i, n] @ zd[i, n] / (zhd[i, n].norm() * zd[i, n].norm())).item() for n in range(N)] for i in range(B)]
+    hub = torch.nn.functional.smooth_l1_loss(zhd, zd, beta=0.05, reduction="none").sum(-1)
+    y = h.double() @ W.double().T + b.double()
+    pcos = torch.nn.functional.cosine_similarity(y, zd, dim=-1)
+    with use_backend(backend):
+        cases = [
+            (ops.cosine_alignment_loss(zh, z, token_weight=w), -(torch.tensor(cos) * w.double()).sum()),
+            (ops.smooth_l1_alignment_loss(zh, z, 0.05, token_weight=w), (hub * w.double()).sum()),
+            (ops.mse_alignment_loss(zh, z, token_weight=w), ((zhd - zd).pow(2).sum(-1) * w.double()).sum()),
+            (ops.projected_cosine_loss(h, W, b, z, token_weight=w), -(pcos * w.double()).sum()),
+        ]
+        u = torch.full((B, N), 1.0 / (B * N))
+        assert ops.cosine_alignment_loss(zh, z, token_weight=u).item() == pytest.approx(
+            ops.cosine_alignment_loss(zh, z).item(), rel=1e-5, abs=1e-6)
+    for got, want in cases:
+        assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+
+
+def test_token_weight_validation():
+    zh, z = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    for w, match in ((torch.rand(3, 2), r"token_weight must be \(B, N\)"), (torch.rand(2, 3, 1), "token_weight"),
+                     (torch.ones(2, 3, dtype=torch.int64), "token_weight")):
+        for call in (lambda: ops.cosine_alignment_loss(zh, z, token_weight=w),
+                     lambda: ops.smooth_l1_alignment_loss(zh, z, token_weight=w),
+                     lambda: ops.mse_alignment_loss(zh, z, token_weight=w),
+                     lambda: ops.projected_cosine_loss(zh, torch.randn(4, 4), None, z, token_weight=w)):
+            with pytest.raises((TypeError, ValueError), match=match):
+                call()

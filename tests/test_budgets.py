@@ -222,19 +222,90 @@ def test_bad_ranges_name_the_option(option, spec, match):
         TREAD(model, _tread_args(route_ratio_range="0.2:0.4", route=["1:2:0.3"]))
 
 
-def test_packed_maskdit_with_an_alignment_term_is_an_error_at_build(seed):
-    """The alignment terms read a (B, K) keep_idx; a packed one must stop the run when it is built,
-    not fail inside the first step."""
-    from effkernels.models.methods import Composite
+class _PatchEncoder(torch.nn.Module):
+    """A fixed random conv, one 5-dim token per 2x2 patch: a REPA target for the packed tests."""
+
+    dim = 5
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 5, 2, stride=2)
+        _randomize(self)
+
+    def encode(self, images):
+        return self.conv(images).flatten(2).transpose(1, 2).contiguous()
+
+
+def _alignment_term(name, model):
+    from effkernels.models.methods.repa import REPA
     from effkernels.models.methods.sra import SRA
+
+    if name == "repa":
+        args = argparse.Namespace(repa_encoder=None, repa_depth=2, repa_weight=0.5, repa_proj_dim=16,
+                                  repa_image_key="x", repa_value_range=None, data="digits")
+        return REPA(model, args, encoders=[_PatchEncoder()])
+    args = argparse.Namespace(sra_student_depth=1, sra_teacher_depth=2, sra_t_max=0.2, sra_loss=name[4:] or "cosine",
+                              sra_weight=0.5, sra_weight_schedule="constant")
+    import copy
+    term = SRA(model, args, teacher=copy.deepcopy(model))
+    term.teacher_t = lambda t, generator: 0.7 * t  # no draw: the loop's per-sample batches replay it
+    return term
+
+
+@pytest.mark.parametrize("term_name", ["repa", "sra", "sra-smooth_l1"])
+def test_packed_maskdit_alignment_term_equals_a_loop_of_dense_runs(seed, term_name):
+    """MaskDiT with a ratio per sample composed with an alignment term: the packed step's loss and
+    every gradient (backbone, decoder, projector) equal a per-sample loop of fixed-count runs, each
+    sample weighted 1/B, so the alignment term weighs each sample's own kept tokens as a fixed count
+    does; the term's target is gathered by the pack."""
+    from effkernels.models.methods import Composite
+
+    model = build("tiny/2", depth=3, hidden_size=32, num_heads=2, class_dropout_prob=0.0).train()
+    m = MaskDiT(model, _mask_args(mask_ratio_range="0.1:0.9"))
+    term = _alignment_term(term_name, model)
+    _randomize(model, m.decoder, *term.modules().values())
+    comp = Composite([("maskdit", m), (term_name.split("-")[0], term)])
+    B, batch = 5, _batch(seed, 5)
+    out = comp.loss(model, batch, 0)
+    pack = out["options"]["keep_idx"]
+    assert isinstance(pack, TokenPack) and len(set(pack.counts)) > 1
+    key = "repa" if term_name == "repa" else "sra"
+    assert torch.isfinite(out[key]) and out[key].item() != 0
+    out["loss"].backward()
+    params = list(model.parameters()) + list(m.decoder.parameters()) + [
+        p for mod in term.modules().values() for p in mod.parameters()]
+    g_packed = _grads(params)
+
+    total, aligned = 0.0, 0.0
+    depth = term.depth if key == "repa" else term.student_depth
+    for b in range(B):
+        s = _sample(batch, b)
+        opts = {"keep_idx": _rows(pack, b), "return_hidden": (depth,)}
+        o = m.objective(model, s, 0, opts)
+        o["options"] = opts
+        a = term.extra_losses(o, model, s, 0)[key]
+        ((o["loss"] + a) / B).backward()
+        total, aligned = total + (o["loss"] + a).item() / B, aligned + a.item() / B
+    assert out[key].item() == pytest.approx(aligned, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(total, rel=1e-5)
+    _assert_grads_close(g_packed, _grads(params))
+
+
+def test_packed_maskdit_with_an_unaware_extra_loss_is_an_error_at_build(seed):
+    """An extra loss that does not declare takes_packed_hidden (a user's method reading a (B, K)
+    keep_idx) must stop the run when it is built with a packed MaskDiT, not fail inside a step."""
+    from effkernels.models.methods import Composite
+    from effkernels.models.methods.base import Method
+
+    class Spy(Method):
+        def extra_losses(self, out, model, batch, step):
+            return {}
 
     model = build("tiny/2", depth=6, hidden_size=32, num_heads=2)
     packed = MaskDiT(model, _mask_args(mask_ratio_range="0.3:0.6"))
-    sra_args = argparse.Namespace(sra_student_depth=2, sra_teacher_depth=4, sra_t_max=0.2, sra_loss="cosine",
-                                  sra_weight=0.5)
     with pytest.raises(ConfigError, match="do not take packed hidden states"):
-        Composite([("maskdit", packed), ("sra", SRA(model, sra_args))])
-    Composite([("maskdit", MaskDiT(model, _mask_args())), ("sra", SRA(model, sra_args))])  # fixed ratio: fine
+        Composite([("maskdit", packed), ("spy", Spy(model))])
+    Composite([("maskdit", MaskDiT(model, _mask_args())), ("spy", Spy(model))])  # fixed ratio: fine
 
 
 @pytest.mark.slow

@@ -25,8 +25,9 @@ class AlignmentHead(nn.Module):
             (ops.projected_cosine_loss: the (B, N, z_dim) projection is never materialised whole)
             instead of project() then ops.cosine_alignment_loss; None: FUSED_DEFAULT for h's device.
     project(h (B, N, D)) -> (B, N, z_dim).
-    forward(h (B, N, D), z (B, N, z_dim), fused=None) -> float32 scalar loss; z gets no gradient;
-        fused= overrides the module's choice for this call.
+    forward(h (B, N, D), z (B, N, z_dim), fused=None, token_weight=None) -> float32 scalar loss;
+        z gets no gradient; fused= overrides the module's choice for this call; token_weight (B, N):
+        the weighted sum of the per-token losses instead of their mean (see effkernels.ops.align).
     The layers sit in `self.proj` at indices 0, 2, 4, so REPA's `projectors.i.{0,2,4}.*` map to
     `proj.{0,2,4}.*`. Linears start xavier-uniform with zero bias, as REPA initialises them.
     """
@@ -58,7 +59,8 @@ class AlignmentHead(nn.Module):
         self._check_h(h)
         return self.proj(h)
 
-    def forward(self, h: torch.Tensor, z: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, z: torch.Tensor, fused: bool | None = None, *,
+                token_weight: torch.Tensor | None = None) -> torch.Tensor:
         self._check_h(h)
         fused = _check_fused(fused)
         if fused is None:
@@ -67,13 +69,14 @@ class AlignmentHead(nn.Module):
             fused = FUSED_DEFAULT.get(h.device.type, False)
         if self.loss == "cosine" and fused:
             last = self.proj[-1]
-            return ops.projected_cosine_loss(self.proj[:-1](h), last.weight, last.bias, z, backend=self.backend)
+            return ops.projected_cosine_loss(self.proj[:-1](h), last.weight, last.bias, z, backend=self.backend,
+                                             token_weight=token_weight)
         z_hat = self.proj(h)
         if self.loss == "cosine":
-            return ops.cosine_alignment_loss(z_hat, z, backend=self.backend)
+            return ops.cosine_alignment_loss(z_hat, z, backend=self.backend, token_weight=token_weight)
         if self.loss == "smooth_l1":
-            return ops.smooth_l1_alignment_loss(z_hat, z, self.beta)
-        return ops.mse_alignment_loss(z_hat, z)
+            return ops.smooth_l1_alignment_loss(z_hat, z, self.beta, token_weight=token_weight)
+        return ops.mse_alignment_loss(z_hat, z, token_weight=token_weight)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, z_dim={self.z_dim}, loss={self.loss!r}, fused={self.fused}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import ops
 from ._common import check_backend, check_positive_float, check_positive_int
 from .attention import VisibleAttention
 from .modulation import GatedResidual, GatedResidualModulatedLayerNorm, ModulatedLayerNorm
@@ -97,8 +98,9 @@ class DiTBlock(nn.Module):
                 mod = self.adaLN_modulation(c)
                 if segment_ids is not None:
                     # Conditioning per sample: the modulation is computed once per sample (S, 6D)
-                    # and each packed row takes its sample's row, not a (T x C) linear per token.
-                    mod = mod.index_select(0, segment_ids)
+                    # and each packed row takes its sample's row, not a (T x C) linear per token;
+                    # its gradient sums each segment's rows in a fixed order (deterministic).
+                    mod = ops.segment_expand(mod, segment_ids, cu_seqlens, max_seqlen)
                 # The adaLN ops are written for (B, N, D): a packed sequence is one sample of T tokens.
                 return mod.unsqueeze(0)
 

@@ -122,6 +122,7 @@ class TokenPack:
         self.rows, self.seg, self.cu_seqlens = rows, seg, cu_seqlens
         self.max_seqlen, self.counts, self.num_tokens = int(max_seqlen), tuple(counts), int(num_tokens)
         self.batch = len(self.counts)
+        self._weights = None  # token_weights(), built on first use (eagerly by _build)
 
     @property
     def total(self) -> int:
@@ -135,7 +136,9 @@ class TokenPack:
         cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
         cu[1:] = c.cumsum(0)
         seg = torch.repeat_interleave(torch.arange(len(counts)), c)
-        return cls(rows, seg.to(dev), cu.to(dev), max(counts) if counts else 1, counts, num_tokens)
+        pack = cls(rows, seg.to(dev), cu.to(dev), max(counts) if counts else 1, counts, num_tokens)
+        pack._weights = (1.0 / (len(counts) * c.double())).float().repeat_interleave(c).to(dev)
+        return pack
 
     @classmethod
     def draw(cls, counts, num_tokens: int, *, generator: torch.Generator | None = None, device=None,
@@ -198,8 +201,18 @@ class TokenPack:
         return out.view(B, N, D)
 
     def expand(self, v: torch.Tensor) -> torch.Tensor:
-        """Per-sample rows (B, C) -> per packed row (T, C): row t gets v[seg[t]]."""
-        return v.index_select(0, self.seg)
+        """Per-sample rows (B, C) -> per packed row (T, C): row t gets v[seg[t]]; v's gradient sums
+        each sample's rows in a fixed order (ops.segment_expand: deterministic on CUDA too)."""
+        return ops.segment_expand(v, self.seg, self.cu_seqlens, self.max_seqlen)
+
+    def token_weights(self) -> torch.Tensor:
+        """(T,) float32: 1 / (B * count of the row's sample). A per-token loss summed with these
+        weights is the mean over samples of each sample's mean over its own kept tokens: the
+        weighting a fixed count K gives (1 / (B K) per token), with a count per sample."""
+        if self._weights is None:
+            c = torch.tensor(self.counts, dtype=torch.float32, device=self.rows.device)
+            self._weights = (1.0 / (self.batch * c)).index_select(0, self.seg)
+        return self._weights
 
     def mask(self, dtype=torch.float32) -> torch.Tensor:
         """(B, N): 1 where a token is kept, 0 elsewhere."""

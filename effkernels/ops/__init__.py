@@ -3,11 +3,12 @@ from .adaln import gated_residual, gated_residual_modulate_layernorm, modulate_l
 from .align import (cosine_alignment_loss, mse_alignment_loss, per_token_cosine, projected_cosine,
                     projected_cosine_loss, smooth_l1_alignment_loss)
 from .attention import lengths_to_cu_seqlens, visible_attention
-from .routing import check_route_index, complement, draw_route, inverse, route_gather, route_scatter
+from .routing import (check_route_index, complement, draw_route, inverse, route_gather, route_scatter,
+                      segment_expand)
 
 __all__ = [
     "check_route_index", "complement", "cosine_alignment_loss", "draw_route", "gated_residual",
     "gated_residual_modulate_layernorm", "inverse", "lengths_to_cu_seqlens", "modulate_layernorm",
     "mse_alignment_loss", "per_token_cosine", "projected_cosine", "projected_cosine_loss", "route_gather",
-    "route_scatter", "smooth_l1_alignment_loss", "visible_attention",
+    "route_scatter", "segment_expand", "smooth_l1_alignment_loss", "visible_attention",
 ]

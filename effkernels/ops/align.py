@@ -78,24 +78,43 @@ def per_token_cosine(z_hat: torch.Tensor, z: torch.Tensor, eps: float = 1e-8, *,
     return _cos_op(z_hat, z, eps, b)
 
 
+def _check_weight(token_weight, like: torch.Tensor) -> None:
+    """token_weight: None, or a floating (B, N) tensor on like's device (like: (B, N, ...))."""
+    if token_weight is None or not isinstance(like, torch.Tensor):  # like's own check names it
+        return
+    check_tensor("token_weight", token_weight, dims=(2,), floating=True)
+    if tuple(token_weight.shape) != tuple(like.shape[:2]):
+        raise ValueError(f"token_weight must be (B, N) = {tuple(like.shape[:2])}, got {tuple(token_weight.shape)}")
+    check_same(("z_hat", "token_weight"), (like, token_weight), dtype=False)
+
+
+# Each loss reduces its per-token values by their mean, or with token_weight (B, N) by
+# sum(token_weight * value): packed rows of per-sample budgets, each weighted 1 / (B * its
+# sample's count) (TokenPack.token_weights), weigh every sample as a fixed count would.
+
 def cosine_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor, eps: float = 1e-8, *,
-                          backend: str | None = None) -> torch.Tensor:
+                          backend: str | None = None, token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """REPA's loss: -mean over batch and tokens of the per-token cosine similarity (float32 scalar)."""
-    return -per_token_cosine(z_hat, z, eps, backend=backend).mean()
+    _check_weight(token_weight, z_hat)
+    return -ref.reduce_tokens(per_token_cosine(z_hat, z, eps, backend=backend), token_weight)
 
 
-def smooth_l1_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor, beta: float = 0.05) -> torch.Tensor:
+def smooth_l1_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor, beta: float = 0.05, *,
+                             token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """SRA's original distance: smooth-L1 summed over D, mean over tokens (PyTorch's fused op)."""
     _check(z_hat, z)
+    _check_weight(token_weight, z_hat)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < float("inf"):
         raise ValueError(f"beta must be a positive number, got {beta!r}")
-    return ref.smooth_l1_alignment_loss(z_hat, z, beta)
+    return ref.smooth_l1_alignment_loss(z_hat, z, beta, token_weight)
 
 
-def mse_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def mse_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor, *,
+                       token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Squared error summed over D, mean over tokens (PyTorch's fused op)."""
     _check(z_hat, z)
-    return ref.mse_alignment_loss(z_hat, z)
+    _check_weight(token_weight, z_hat)
+    return ref.mse_alignment_loss(z_hat, z, token_weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,8 +234,10 @@ def projected_cosine(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def projected_cosine_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor,
                           eps: float = 1e-8, *, chunk_tokens: int | None = None,
-                          backend: str | None = None) -> torch.Tensor:
+                          backend: str | None = None, token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """REPA's loss with the projector's last Linear fused in: -mean over batch and tokens of
     projected_cosine (float32 scalar); equals cosine_alignment_loss(F.linear(h, weight, bias), z)
-    up to the projection's rounding (here never rounded to h's dtype)."""
-    return -projected_cosine(h, weight, bias, z, eps, chunk_tokens=chunk_tokens, backend=backend).mean()
+    up to the projection's rounding (here never rounded to h's dtype). token_weight: as there."""
+    _check_weight(token_weight, h)
+    cos = projected_cosine(h, weight, bias, z, eps, chunk_tokens=chunk_tokens, backend=backend)
+    return -ref.reduce_tokens(cos, token_weight)

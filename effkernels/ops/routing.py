@@ -189,3 +189,46 @@ def route_scatter(x: torch.Tensor, x_sub: torch.Tensor, idx: torch.Tensor, *,
     if b == "reference":
         return ref.route_scatter(x, x_sub, idx)
     return _scatter_op(x, x_sub, idx, x.shape[1], b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-segment broadcast for packed rows (per-sample token budgets): conditioning per sample
+# ---------------------------------------------------------------------------------------------
+
+class _SegmentExpand(torch.autograd.Function):
+    """index_select forward; the backward sums each segment's rows in a fixed order (ref.segment_sum)
+    instead of index_select's atomic index_add, so gradients are deterministic on CUDA too."""
+
+    @staticmethod
+    def forward(ctx, v, segment_ids, cu_seqlens, max_seqlen):
+        ctx.save_for_backward(cu_seqlens)
+        ctx.max_seqlen = max_seqlen
+        return ref.segment_expand(v, segment_ids)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (cu_seqlens,) = ctx.saved_tensors
+        return ref.segment_sum(grad, cu_seqlens, ctx.max_seqlen), None, None, None
+
+
+def segment_expand(v: torch.Tensor, segment_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                   max_seqlen: int) -> torch.Tensor:
+    """Per-sample rows v (S, C) to per packed row (T, C): row t takes v[segment_ids[t]].
+
+    The packed form of effkernels.nn.routing.TokenPack: segment_ids (T,) ascending (sample-major),
+    cu_seqlens (S + 1,) int32/int64 its segment bounds, max_seqlen an int >= every segment's length.
+    The gradient of v is each segment's rows summed in a fixed order (deterministic on every device).
+    Shapes, dtypes and devices are checked; the index values are not (no host sync): they come
+    from a TokenPack, built valid on the host.
+    """
+    check_tensor("v", v, dims=(2,), floating=True)
+    for name, t in (("segment_ids", segment_ids), ("cu_seqlens", cu_seqlens)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be a 1-D int32/int64 tensor, got {getattr(t, 'shape', type(t).__name__)}"
+                             f"{'' if not isinstance(t, torch.Tensor) else ' ' + str(t.dtype)}")
+        check_same(("v", name), (v, t), dtype=False)
+    if cu_seqlens.numel() != v.shape[0] + 1:
+        raise ValueError(f"cu_seqlens must have S + 1 = {v.shape[0] + 1} entries for v's {v.shape[0]} rows, "
+                         f"got {cu_seqlens.numel()}")
+    max_seqlen = _count("max_seqlen", max_seqlen, 1 if segment_ids.numel() else 0)
+    return _SegmentExpand.apply(v, segment_ids, cu_seqlens, max_seqlen)

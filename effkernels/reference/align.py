@@ -1,7 +1,9 @@
 """Reference alignment losses (REPA / ERW / SRA). The specification.
 
 z_hat: the projection of a hidden state (B, N, D); z: the target (B, N, D), never differentiated.
-Every loss is a float32 scalar: the mean over batch and tokens of a per-token distance.
+Every loss is a float32 scalar: the mean over batch and tokens of a per-token distance, or with
+token_weight (B, N) the weighted sum of the per-token distances instead (per-sample token budgets:
+packed rows weighted 1 / (B * their sample's count)).
 """
 from __future__ import annotations
 
@@ -37,20 +39,28 @@ def per_token_cosine(z_hat: torch.Tensor, z: torch.Tensor, eps: float = 1e-8) ->
     return (zh * zt).sum(-1)
 
 
-def cosine_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """-mean over batch and tokens of per_token_cosine (REPA's loss)."""
-    return -per_token_cosine(z_hat, z, eps).mean()
+def reduce_tokens(per_token: torch.Tensor, token_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N) float32 -> the mean, or sum(token_weight * per_token) with token_weight (B, N)."""
+    return per_token.mean() if token_weight is None else (per_token * token_weight.float()).sum()
 
 
-def smooth_l1_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor, beta: float = 0.05) -> torch.Tensor:
+def cosine_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor, eps: float = 1e-8,
+                          token_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """-mean over batch and tokens of per_token_cosine (REPA's loss); weighted: reduce_tokens."""
+    return -reduce_tokens(per_token_cosine(z_hat, z, eps), token_weight)
+
+
+def smooth_l1_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor, beta: float = 0.05,
+                             token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Smooth-L1 (Huber, transition at beta) summed over D, mean over tokens and batch (SRA's original)."""
     d = F.smooth_l1_loss(_up(z_hat), _up(z.detach()), beta=beta, reduction="none")
-    return d.sum(-1).mean()
+    return reduce_tokens(d.sum(-1), token_weight)
 
 
-def mse_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def mse_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor,
+                       token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Squared error summed over D, mean over tokens and batch."""
-    return (_up(z_hat) - _up(z.detach())).pow(2).sum(-1).mean()
+    return reduce_tokens((_up(z_hat) - _up(z.detach())).pow(2).sum(-1), token_weight)
 
 
 # ---------------------------------------------------------------------------------------------

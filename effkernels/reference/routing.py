@@ -43,3 +43,28 @@ def inverse(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
     inv = torch.full((idx.shape[0], num_tokens), -1, dtype=torch.long, device=idx.device)
     src = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], -1)
     return inv.scatter_(1, idx.long(), src)
+
+
+def segment_expand(v: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """Per-segment rows to per packed row: (S, C), (T,) -> (T, C), row t = v[segment_ids[t]]."""
+    return v.index_select(0, segment_ids)
+
+
+def segment_sum(rows: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    """The adjoint of segment_expand for contiguous segments: (T, C) -> (S, C), out[s] = the sum of
+    rows cu_seqlens[s]:cu_seqlens[s + 1], in float32 (float64 for float64), returned in rows' dtype.
+
+    Each segment's rows are gathered into a zero-padded (S, max_seqlen, C) block and summed over
+    dim 1: a gather and a reduction in a fixed order, so the result is the same bits on every run
+    and device. index_select's own backward (index_add) accumulates with atomics on CUDA, whose
+    order, and so whose float sum, changes from run to run. max_seqlen must be >= every segment's
+    length (as for varlen attention); the padded block costs S * max_seqlen * C elements.
+    """
+    T, C = rows.shape
+    S = cu_seqlens.numel() - 1
+    cu = cu_seqlens.long()
+    j = torch.arange(max_seqlen, device=rows.device)
+    src = torch.where(j < (cu[1:] - cu[:-1])[:, None], cu[:-1, None] + j, T)  # (S, M); T = the zero row
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    padded = torch.cat([rows.to(acc), rows.new_zeros(1, C, dtype=acc)]).index_select(0, src.view(-1))
+    return padded.view(S, max_seqlen, C).sum(1).to(rows.dtype)

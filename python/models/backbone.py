@@ -126,21 +126,21 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return modulated_linear(x, c, self.adaLN_modulation, self.norm_final, self.linear, segment_ids)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, pack: TokenPack | None = None) -> torch.Tensor:
+        return modulated_linear(x, c, self.adaLN_modulation, self.norm_final, self.linear, pack)
 
 
 def modulated_linear(x: torch.Tensor, c: torch.Tensor, modulation, norm, linear,
-                     segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                     pack: TokenPack | None = None) -> torch.Tensor:
     """linear(norm(x, shift, scale)) with (shift, scale) = modulation(c).chunk(2): the final layer's
-    arithmetic, which MaskDiT's bridge shares. x (B, N, D) with c (B, C), or packed x (T, D) with
-    segment_ids (T,), each row taking its sample's modulation (computed once per sample)."""
+    arithmetic, which MaskDiT's bridge shares. x (B, N, D) with c (B, C), or x (T, D) packed by
+    `pack` (a TokenPack), each row taking its sample's modulation (computed once per sample)."""
     mod = modulation(c)
-    if segment_ids is not None:
-        mod, x = mod.index_select(0, segment_ids).unsqueeze(0), x.unsqueeze(0)
+    if pack is not None:
+        mod, x = pack.expand(mod).unsqueeze(0), x.unsqueeze(0)
     shift, scale = mod.to(x.dtype).chunk(2, dim=-1)  # strided views
     out = linear(norm(x, shift, scale))
-    return out if segment_ids is None else out[0]
+    return out if pack is None else out[0]
 
 
 #################################################################################
@@ -442,7 +442,7 @@ class DiT(nn.Module):
                 break
         out = None
         if stop_at is None:
-            out = self.final_layer(h, c, None if pack is None else pack.seg)  # (B, N or K, p*p*C_out) or (T, .)
+            out = self.final_layer(h, c, pack)  # (B, N or K, p*p*C_out) or (T, .)
             if keep_idx is None:
                 out = self.unpatchify(out)  # (B, C_out, H, W)
         return (out, hidden) if want else out

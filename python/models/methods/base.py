@@ -23,7 +23,9 @@ Hooks
   extra_losses(out, model, batch, step) -> {name: scalar}
                                     weighted terms added to the loss (REPA's alignment); each is logged.
                                     out["options"] holds the forward options used (keep_idx: the
-                                    hidden states are the kept tokens only; routes: full sequences)
+                                    hidden states are the kept tokens only; routes: full sequences;
+                                    a TokenPack keep_idx: packed rows (T, D), weighted per sample by
+                                    keep_idx.token_weights(); set takes_packed_hidden when handled)
   aux_modules() -> {name: AuxModule}
                                     modules with an optimizer of their own (ACT's discriminator):
                                     their own AdamW, gradient averaging, clipping and checkpoint
@@ -93,6 +95,7 @@ class Method:
     owns_objective: bool = False
     batch_keys: tuple[str, ...] = ()
     find_unused_parameters: bool = False
+    takes_packed_hidden: bool = False
 
     def __init__(self, model: nn.Module | None = None, args=None):
         self.flow = FlowMatching()
@@ -205,9 +208,11 @@ class Composite(Method):
         self._plan = self._token_planner()
         for n, p in self.parts:
             # A packed keep index (MaskDiT's --mask-ratio-range) gives hidden states as (T, D) rows
-            # with a different count per sample; the alignment terms gather their targets at a
-            # (B, K) keep_idx and average tokens evenly, so they would fail mid-step or weigh wrongly.
-            readers = [m for m, q in self.parts if m != n and _overrides(q, "extra_losses")]
+            # with a different count per sample; an extra loss must gather its target by the pack
+            # and weigh each sample's rows by its count (REPA, ERW and SRA do: takes_packed_hidden),
+            # else it would fail mid-step or weigh samples wrongly.
+            readers = [m for m, q in self.parts if m != n and _overrides(q, "extra_losses")
+                       and not getattr(q, "takes_packed_hidden", False)]
             if getattr(p, "packs_keep_idx", False) and readers:
                 raise ConfigError(f"{n!r} with a per-sample ratio range packs each sample's kept tokens; "
                                   f"{readers} do not take packed hidden states yet: use a fixed ratio")

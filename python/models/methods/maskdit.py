@@ -56,8 +56,8 @@ class AdaLNLinear(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return modulated_linear(x, c, self.adaLN_modulation, self.norm, self.linear, segment_ids)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, pack: TokenPack | None = None) -> torch.Tensor:
+        return modulated_linear(x, c, self.adaLN_modulation, self.norm, self.linear, pack)
 
 
 class MaskDecoder(nn.Module):
@@ -86,7 +86,7 @@ class MaskDecoder(nn.Module):
         """h (B, K, D) encoder tokens at keep_idx (or (B, N, D) with keep_idx None, or packed (T, D)
         with keep_idx a TokenPack), c (B, D) -> (B, N, p*p*C_out) predictions for every patch."""
         if isinstance(keep_idx, TokenPack):
-            x = self.bridge(h, c, keep_idx.seg)  # (T, D_dec)
+            x = self.bridge(h, c, keep_idx)  # (T, D_dec)
             full = self.mask_token.to(x.dtype).expand(c.shape[0], self.num_tokens, -1).contiguous()
             x = keep_idx.scatter(full, x)  # (B, N, D_dec)
             keep_idx = None

@@ -9,7 +9,9 @@ weight x loss (0.5) at every t, added to SiT's flow loss. Several encoders may b
 
 Composition: with TREAD the hidden state is the full sequence (the backbone fills the routed tokens
 in), so the target is used as it is; with a token plan that sets keep_idx (MaskDiT) the hidden state
-holds the kept tokens only, and the target is gathered at the same index.
+holds the kept tokens only, and the target is gathered at the same index; with a packed keep index
+(MaskDiT's --mask-ratio-range: a count per sample) the packed rows are weighted 1 / (B * count), so
+every sample weighs what it does at a fixed count.
 
 Parts: the projectors are the method's module `repa_projectors` (optimised, DDP-wrapped,
 checkpointed; keys repa_projectors.<i>.proj.{0,2,4}.* mirror REPA's projectors.<i>.{0,2,4}.*). The
@@ -28,6 +30,7 @@ from torch import nn
 
 from effkernels import ops
 from effkernels.nn import AlignmentHead
+from effkernels.nn.routing import TokenPack
 
 from .. import encoders as enc
 from . import register_method
@@ -88,6 +91,8 @@ def _value_range(spec):
 @register_method("repa")
 class REPA(Method):
     """Flow loss + weight x mean over encoders of -cos(projector(h_k), encoder tokens of clean x)."""
+
+    takes_packed_hidden = True  # align() reads a TokenPack keep index (Composite checks this)
 
     @staticmethod
     def add_args(group) -> None:
@@ -215,6 +220,10 @@ class REPA(Method):
         keep_idx = (out.get("options") or {}).get("keep_idx")
         losses = []
         for head, z in zip(self.projectors, self.targets(batch)):
+            if isinstance(keep_idx, TokenPack):  # per-sample budgets: h is the packed rows (T, D)
+                z = keep_idx.gather(z)  # (T, D_enc), the pack's row order
+                losses.append(head(h[None], z[None], token_weight=keep_idx.token_weights()[None]))
+                continue
             if keep_idx is not None:  # MaskDiT: h holds the kept tokens only; take the targets at them
                 z = ops.route_gather(z, keep_idx, check_idx=False)  # the backbone checked keep_idx
             losses.append(head(h, z))

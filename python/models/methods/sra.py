@@ -16,7 +16,8 @@ constant` keeps the weight fixed (the release's cosine loss is constant 0.5, our
 
 Label dropout is drawn here and passed to the student (force_drop_ids) and to the teacher, so both
 see the same labels. Composition: with TREAD the student's hidden state is the full sequence; with
-MaskDiT it holds the kept tokens and the teacher's (dense) hidden state is gathered at them.
+MaskDiT it holds the kept tokens and the teacher's (dense) hidden state is gathered at them (packed
+rows, with a ratio per sample, weighted 1 / (B * count): every sample weighs as at a fixed count).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from effkernels import ops
+from effkernels.nn.routing import TokenPack
 
 from ..objectives import interpolate
 from . import register_method
@@ -43,6 +45,8 @@ def default_pair(depth: int, learn_sigma: bool = False) -> tuple[int, int]:
 @register_method("sra")
 class SRA(Method):
     """Flow loss + weight x alignment of a head on the student's depth s with its EMA's depth t_b."""
+
+    takes_packed_hidden = True  # extra_losses reads a TokenPack keep index (Composite checks this)
 
     @staticmethod
     def add_args(group) -> None:
@@ -156,11 +160,13 @@ class SRA(Method):
             raise ConfigError(f"SRA: the objective returned no hidden state at depth {self.student_depth}")
         z = self.target(out, batch)  # (B, N, D), no grad
         keep_idx = (out.get("options") or {}).get("keep_idx")
-        if keep_idx is not None:  # MaskDiT: the student holds the kept tokens only
+        z_hat, w = self.head(hidden[self.student_depth]), None
+        if isinstance(keep_idx, TokenPack):  # per-sample budgets: the student holds packed rows (T, D)
+            z, z_hat, w = keep_idx.gather(z)[None], z_hat[None], keep_idx.token_weights()[None]
+        elif keep_idx is not None:  # MaskDiT: the student holds the kept tokens only
             z = ops.route_gather(z, keep_idx, check_idx=False)
-        z_hat = self.head(hidden[self.student_depth])
         if self.loss_kind == "cosine":
-            loss = ops.cosine_alignment_loss(z_hat, z)
+            loss = ops.cosine_alignment_loss(z_hat, z, token_weight=w)
         else:
-            loss = ops.smooth_l1_alignment_loss(z_hat, z, 0.05)
+            loss = ops.smooth_l1_alignment_loss(z_hat, z, 0.05, token_weight=w)
         return {"sra": self.weight_at(step) * loss}
