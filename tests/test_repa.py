@@ -326,6 +326,15 @@ def test_tread_plus_repa_trains_a_step(cache, tmp_path, seed):
     assert np.isfinite(row["repa"]) and row["repa"] < 0.5
 
 
+def test_packed_maskdit_plus_repa_trains_a_step(cache, tmp_path, seed):
+    """A mask ratio per sample: the hidden state is the packed kept rows, the target gathered by the pack."""
+    assert train_mod.main(["--method", "maskdit+repa", "--mask-ratio-range", "0.2:0.7", "--repa-depth", "2",
+                           "--model-kwargs", SMALL_JSON, "--steps", "2", "--eval-every", "0", "--log-every", "1",
+                           "--out", str(tmp_path / "m"), "--quiet", "--seed", str(seed % 1000)]) == 0
+    row = train_mod.MetricsLog.read(str(tmp_path / "m" / "metrics.jsonl"))[-1]
+    assert np.isfinite(row["repa"]) and np.isfinite(row["loss"])
+
+
 class ToyKeep(Method):
     """A MaskDiT-like token plan: the backbone sees a fixed half of the tokens."""
 

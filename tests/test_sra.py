@@ -3,6 +3,7 @@ at its block, the head and the fused cosine, gradients only into the student, th
 import argparse
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,6 +117,11 @@ def test_composes_with_tread_and_maskdit(tmp_path, seed):
               "--eval-every", "0", "--quiet", "--steps", "2"]
     assert train_mod.main(["--out", str(tmp_path / "a"), "--method", "tread+sra", *common]) == 0
     assert train_mod.main(["--out", str(tmp_path / "b"), "--method", "maskdit+sra", *common]) == 0
+    # a ratio per sample: packed kept tokens, the teacher's target gathered by the pack
+    assert train_mod.main(["--out", str(tmp_path / "c"), "--method", "maskdit+sra", "--mask-ratio-range", "0.2:0.7",
+                           "--log-every", "1", *common]) == 0
+    row = train_mod.MetricsLog.read(str(tmp_path / "c" / "metrics.jsonl"))[-1]
+    assert np.isfinite(row["sra"]) and np.isfinite(row["loss"])
 
 
 def test_smooth_l1_weight_follows_the_release_schedule():
