@@ -122,7 +122,7 @@ class TokenPack:
         self.rows, self.seg, self.cu_seqlens = rows, seg, cu_seqlens
         self.max_seqlen, self.counts, self.num_tokens = int(max_seqlen), tuple(counts), int(num_tokens)
         self.batch = len(self.counts)
-        self._weights = None  # token_weights(), built on first use (eagerly by _build)
+        self._weights = None  # token_weights(), built on first use
 
     @property
     def total(self) -> int:
@@ -136,9 +136,7 @@ class TokenPack:
         cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
         cu[1:] = c.cumsum(0)
         seg = torch.repeat_interleave(torch.arange(len(counts)), c)
-        pack = cls(rows, seg.to(dev), cu.to(dev), max(counts) if counts else 1, counts, num_tokens)
-        pack._weights = (1.0 / (len(counts) * c.double())).float().repeat_interleave(c).to(dev)
-        return pack
+        return cls(rows, seg.to(dev), cu.to(dev), max(counts) if counts else 1, counts, num_tokens)
 
     @classmethod
     def draw(cls, counts, num_tokens: int, *, generator: torch.Generator | None = None, device=None,
