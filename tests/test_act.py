@@ -147,3 +147,22 @@ def test_t_weighted_trains_through_the_cli(tmp_path):
     assert train_mod.main(_argv(tmp_path, "--steps", "3", "--act-lambda-schedule", "t-weighted")) == 0
     rows = train_mod.MetricsLog.read(str(tmp_path / "metrics.jsonl"))
     assert len(rows) == 3 and all(0 < r["act_lambda"] <= 0.6 for r in rows)
+
+
+def test_r1_is_unscaled_as_in_acts_release_and_lazy_scaling_is_an_option(seed):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.rand(8, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (8,), generator=g)
+    losses = {}
+    for lazy in (False, True):
+        model, act = _act(act_lambda_schedule="constant", r1_every=16, r1_lazy_scale=lazy)
+        torch.manual_seed(seed)
+        act.disc = type(act.disc)(1, 16)
+        sig = act.sigmas(10)[torch.tensor([1, 2, 3, 4])]
+        fake = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(seed + 1))
+        res = act.aux_loss("disc", act.disc, {"x": x, "y": y, "generator": torch.Generator().manual_seed(seed)}, 0,
+                           {"pred": fake, "sigma": sig})
+        losses[lazy] = (float(res["loss"]), float(res["r1"]))
+    (plain, r1), (lazy, r1_lazy) = losses[False], losses[True]
+    assert r1 == pytest.approx(r1_lazy, rel=1e-6) and r1 > 0
+    base = plain - 0.5 * 10.0 * r1  # gamma / 2 E||grad||^2, once
+    assert lazy == pytest.approx(base + 0.5 * 10.0 * 16 * r1, rel=1e-5)

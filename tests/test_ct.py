@@ -244,3 +244,106 @@ def test_defaults_follow_the_width(seed):
     assert (wide.s1, wide.mu0, wide.noise_cond) == (150, 0.9, "cm")
     given = CT(_model(), argparse.Namespace(steps=100, ct_s1=40, ct_mu0=0.5, ct_noise_cond="raw"))
     assert (given.s1, given.mu0, given.noise_cond) == (40, 0.5, "raw")
+
+
+# --- the generator's optimizer, label dropout, iCT's options -----------------------------------------------
+
+def _trainer(tmp_path, *extra):
+    argv = ["--out", str(tmp_path), "--model-kwargs", '{"depth": 2, "hidden_size": 32, "num_heads": 2}',
+            "--batch-size", "8", "--eval-every", "0", "--quiet", "--ct-s1", "10", *extra]
+    return train_mod.Trainer(train_mod.parse_args(argv))
+
+
+def _betas(tr):
+    return {tuple(g["betas"]) for g in tr.opt.param_groups}
+
+
+def test_ct_and_act_step_the_generator_with_acts_betas_and_the_flag_overrides(tmp_path):
+    assert _betas(_trainer(tmp_path / "ct", "--method", "ct")) == {(0.0, 0.99)}
+    assert _betas(_trainer(tmp_path / "act", "--method", "act")) == {(0.0, 0.99)}
+    assert _betas(_trainer(tmp_path / "sit", "--method", "sit")) == {(0.9, 0.999)}
+    assert _betas(_trainer(tmp_path / "o", "--method", "ct", "--adam-betas", "0.5,0.95")) == {(0.5, 0.95)}
+    assert _betas(_trainer(tmp_path / "s", "--method", "sit", "--adam-betas", "0,0.99")) == {(0.0, 0.99)}
+
+
+@pytest.mark.parametrize("bad", ["0.9", "0.9,1.0", "a,b", "-0.1,0.9"])
+def test_bad_adam_betas_are_argparse_errors(bad, capsys):
+    with pytest.raises(SystemExit):
+        train_mod.parse_args(["--adam-betas", bad])
+    assert "--adam-betas" in capsys.readouterr().err
+
+
+def test_resume_reapplies_the_configured_betas_over_the_checkpoints(tmp_path):
+    old = _trainer(tmp_path, "--method", "ct")
+    for g in old.opt.param_groups:  # a checkpoint written before CT asked for (0, 0.99)
+        g["betas"] = (0.9, 0.999)
+    old.train_step(old.make_batch(0))
+    old.save(str(tmp_path / "old.pt"))
+    new = _trainer(tmp_path, "--method", "ct")
+    new.load(str(tmp_path / "old.pt"))
+    assert _betas(new) == {(0.0, 0.99)}
+    assert new.opt.state_dict()["state"]  # the moments themselves were restored
+    again = _trainer(tmp_path, "--method", "ct", "--adam-betas", "0.3,0.9")
+    again.load(str(tmp_path / "old.pt"))
+    assert _betas(again) == {(0.3, 0.9)}
+
+
+def _spy_drops(ct, model):
+    seen = []
+    for name, net in (("online", model), ("target", ct.target)):
+        orig = net.forward
+
+        def spy(x, t, y, _o=orig, _n=name, **kw):
+            seen.append((_n, kw.get("force_drop_ids")))
+            return _o(x, t, y, **kw)
+        net.forward = spy
+    return seen
+
+
+def test_online_and_target_share_one_label_dropout_draw(seed):
+    model = build("tiny/2", depth=1, hidden_size=32, num_heads=2, class_dropout_prob=0.5).train()
+    ct = CT(model, _args(steps=10))
+    seen = _spy_drops(ct, model)
+    b = 64
+    batch = {"x": torch.rand(b, 1, 8, 8) * 2 - 1, "y": torch.randint(0, 10, (b,)),
+             "generator": torch.Generator().manual_seed(seed)}
+    ct.objective(model, batch, 3, {})
+    (n1, d1), (n2, d2) = seen
+    assert (n1, n2) == ("online", "target") and d1 is not None and d2 is d1
+    assert 0 < int(d1.sum()) < b  # a real draw at rate 0.5
+    seen.clear()
+    ct_ind = CT(model, _args(steps=10, ct_label_dropout="independent"))
+    seen_ind = _spy_drops(ct_ind, model)
+    ct_ind.objective(model, batch, 3, {})
+    assert [d for _, d in seen_ind[-2:]] == [None, None]  # each forward draws its own
+
+
+def _lognormal_probs_by_hand(grid, p_mean, p_std):
+    cdf = [math.erf((math.log(s) - p_mean) / (math.sqrt(2) * p_std)) for s in grid]
+    w = [cdf[i + 1] - cdf[i] for i in range(len(grid) - 1)]
+    return [v / sum(w) for v in w]
+
+
+def test_ict_pair_sampling_and_weighting_follow_the_formulas(seed):
+    model = _model().train()
+    ct = CT(model, _args(steps=10, ct_s1=40, ct_weighting="ict", ct_pair_sampling="lognormal"))
+    grid = ct.sigmas(ct.num_scales(10))
+    want = _lognormal_probs_by_hand(grid.tolist(), -1.1, 2.0)
+    torch.testing.assert_close(ct.pair_probs(grid), torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    uni = CT(model, _args(steps=10, ct_s1=40)).pair_probs(grid)
+    assert torch.allclose(uni, torch.full_like(uni, 1 / (grid.numel() - 1)))
+    hi, lo = grid[1:], grid[:-1]
+    torch.testing.assert_close(ct.pair_weight(hi, lo), 1 / (hi - lo), rtol=1e-12, atol=0)
+    # the objective draws i from pair_probs and weights each pair's distance by 1 / (t_{i+1} - t_i)
+    ct.pair_probs = lambda g: torch.nn.functional.one_hot(torch.tensor(5), g.numel() - 1).double()
+    g = torch.Generator().manual_seed(seed)
+    x, y, z = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (4,), generator=g), torch.randn(4, 1, 8, 8)
+    out = ct.objective(model, {"x": x, "y": y, "noise": z, "generator": torch.Generator().manual_seed(seed)}, 10, {})
+    assert torch.equal(out["sigma"], grid[6].expand(4))
+    with torch.no_grad():
+        on = ct.f(model, x + grid[6] * z, grid[6].expand(4), y)
+        tg = ct.f(ct.target, x + grid[5] * z, grid[5].expand(4), y)
+    want_loss = (ct.dist(on, tg) / (grid[6] - grid[5])).mean()
+    torch.testing.assert_close(out["loss"].detach().double(), want_loss.double(), rtol=1e-5, atol=0)
+    with pytest.raises(ConfigError, match="--ct-p-std"):
+        CT(_model(), _args(ct_pair_sampling="lognormal", ct_p_std=0.0))

@@ -17,6 +17,7 @@ whole run, so it would still be mostly the initial weights at the end.
 from __future__ import annotations
 
 import argparse
+import inspect
 import functools
 import glob
 import json
@@ -36,7 +37,7 @@ from .ema import EMA
 from .latents import SHUFFLES, collate, global_indices, hflip_mask, make_loader, step_keys
 from .methods import (METHODS, ConfigError, add_method_args, build_method, parse_spec,  # noqa: F401 (re-exported)
                       register_method)
-from .presets import add_preset_arg, announce, apply_preset
+from .presets import add_preset_arg, announce, apply_preset, missing_requirements
 from .runlog import MetricsLog, Progress, plot_curves
 
 # -----------------------------------------------------------------------------------------------
@@ -100,6 +101,27 @@ def make_optimizer(params, device: torch.device, **kw) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, fused=fused or None, **kw)
 
 
+def generator_optimizer_settings(method, args) -> dict:
+    """The generator AdamW's betas, eps and weight decay: the trainer's (0.9, 0.999), 1e-8, 0, then what
+    the method needs (Method.generator_optimizer), then --adam-betas."""
+    kw = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, **method.generator_optimizer()}
+    if getattr(args, "adam_betas", None) is not None:
+        kw["betas"] = tuple(args.adam_betas)
+    kw["betas"] = tuple(float(b) for b in kw["betas"])
+    return kw
+
+
+def parse_betas(text: str) -> tuple[float, float]:
+    """'B1,B2' -> (B1, B2), each in [0, 1) (argparse type of --adam-betas)."""
+    try:
+        b = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        b = ()
+    if len(b) != 2 or not all(0.0 <= v < 1.0 for v in b):
+        raise argparse.ArgumentTypeError(f"expected two numbers in [0, 1) as B1,B2 (e.g. 0,0.99), got {text!r}")
+    return b
+
+
 def stale_temp_files(path: str) -> list[str]:
     """Temp files that save_checkpoint leaves beside `path` when a process dies mid-write."""
     return glob.glob(glob.escape(os.path.abspath(path)) + ".*.tmp")
@@ -142,7 +164,8 @@ class Trainer:
                                    find_unused_parameters=self.method.find_unused_parameters)
         self.ema = EMA(self.generator(), args.ema, warmup=not args.ema_no_warmup)
         self.params = [p for p in self.train_module.parameters() if p.requires_grad]
-        self.opt = make_optimizer(self.params, self.device, lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
+        self.opt_settings = generator_optimizer_settings(self.method, args)
+        self.opt = make_optimizer(self.params, self.device, lr=args.lr, **self.opt_settings)
         self.aux_steps, self.aux_opts = {}, {}
         for k, a in self.aux.items():
             self.aux_steps[k] = ddp.wrap(AuxStep(k, a.module, self.method), self.device,
@@ -223,6 +246,8 @@ class Trainer:
         self.modules.load_state_dict(m["modules"])
         self.ema.load_state_dict({"backbone": ck["ema"], **m.get("ema", {})})
         self.opt.load_state_dict(ck["optimizer"])
+        for gr in self.opt.param_groups:  # the configured betas/eps/decay, not the checkpoint's
+            gr.update(self.opt_settings)
         for k, a in self.aux.items():
             a.module.load_state_dict(m["aux"][k]["module"])
             self.aux_opts[k].load_state_dict(m["aux"][k]["optimizer"])
@@ -377,6 +402,9 @@ class Trainer:
         bar = Progress(self.step, a.steps, enabled=main and not a.quiet, every=a.log_every)
         if main and resume:
             bar.write(f"resumed from {resume} at step {self.step}")
+        if main and self.opt_settings["betas"] != (0.9, 0.999):
+            src = "--adam-betas" if getattr(a, "adam_betas", None) is not None else f"--method {a.method}"
+            bar.write(f"generator optimizer: AdamW betas {self.opt_settings['betas']} ({src})")
         final = {}
 
         def do_eval():
@@ -449,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1000, help="total optimizer steps (a resumed run continues to it)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch, split over processes")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--adam-betas", type=parse_betas, default=None, metavar="B1,B2",
+                   help="the generator AdamW's betas; default (0.9, 0.999), or what the method needs (ct, act: "
+                        "0,0.99 as ACT's release); applied also after a resume")
     p.add_argument("--warmup", type=int, default=100, help="linear lr warm-up steps (0: none)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay (with warm-up, see --ema-no-warmup)")
@@ -487,7 +518,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parse_spec(a.method)
     except ConfigError as e:
         p.error(f"--{e}")  # "--method 'x' is not registered; known: ..."
-    from .backbone import CONFIGS
+    missing = missing_requirements(preset, a)
+    if missing:
+        p.error(f"--preset {preset.name} needs {'; '.join(missing)}")
+    from .backbone import CONFIGS, DiT
 
     if a.model not in CONFIGS:
         p.error(f"--model {a.model!r} is unknown; known: {', '.join(CONFIGS)}")
@@ -511,6 +545,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         assert isinstance(a.model_kwargs, dict)
     except (ValueError, AssertionError):
         p.error(f"--model-kwargs must be a JSON object, got {a.model_kwargs!r}")
+    known = [k for k in inspect.signature(DiT.__init__).parameters if k != "self"]
+    unknown = sorted(set(a.model_kwargs) - set(known))
+    if unknown:
+        p.error(f"--model-kwargs: unknown backbone option(s) {unknown}; known: {', '.join(known)}")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"--out {a.out!r} is an existing file, not a folder")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if a.batch_size % world:
         p.error(f"--batch-size {a.batch_size} is not divisible by WORLD_SIZE={world}")

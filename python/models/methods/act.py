@@ -20,8 +20,8 @@ on the CPU; a DiT-style one would cost as much as the generator) with the backbo
 embedder shifting each stage's features. Its own AdamW (weight decay 0, i.e. Adam), betas (0, 0.99),
 lr 1e-4, stepped by the trainer after the generator step (methods' aux modules).
 
-R1 (gamma 10) on augmented reals every --r1-every (16) steps, lazily scaled by r1_every as
-StyleGAN2 does. Adaptive augmentation: an EMA (0.93) of R1, averaged over processes, against a
+R1 (gamma 10) on augmented reals every --r1-every (16) steps: gamma / 2 E||grad||^2, unscaled as in
+ACT's release (`--r1-lazy-scale` multiplies it by r1_every, StyleGAN2's lazy regularisation). Adaptive augmentation: an EMA (0.93) of R1, averaged over processes, against a
 threshold moves the augmentation probability p up or down by a fixed step, clipped to [0, 1]; the
 augmentation (x-flip, integer translation, brightness/contrast) is differentiable plain PyTorch and
 applied to every image the discriminator sees. The released configs set the threshold so high that
@@ -114,7 +114,9 @@ class ACT(CT):
                            help="t-weighted: lambda at the middle of the grid (u = 1/2); 0 < mid <= lambda")
         group.add_argument("--act-d-lr", type=float, default=1e-4, help="discriminator learning rate")
         group.add_argument("--act-d-width", type=int, default=64, help="discriminator base width")
-        group.add_argument("--r1-every", type=int, default=16, help="R1 penalty every N steps (lazy, scaled by N)")
+        group.add_argument("--r1-every", type=int, default=16, help="R1 penalty every N steps")
+        group.add_argument("--r1-lazy-scale", action="store_true",
+                           help="multiply R1 by --r1-every (StyleGAN2's lazy regularisation; ACT's release does not)")
         group.add_argument("--r1-gamma", type=float, default=10.0)
         group.add_argument("--ada-target", type=float, default=0.01,
                            help="R1 EMA threshold of the adaptive augmentation (above: p rises; below: p falls)")
@@ -135,6 +137,7 @@ class ACT(CT):
         # the exponent log_{1/2}(mid / lambda): u = 1/2 gives lambda * (1/2)^e = mid
         self.lam_exp = math.log2(self.lam / self.lam_mid) if self.schedule == "t-weighted" else 0.0
         self.r1_every, self.r1_gamma = int(g("r1_every", 16)), float(g("r1_gamma", 10.0))
+        self.r1_scale = float(self.r1_every) if g("r1_lazy_scale", False) else 1.0
         self.ada_target, self.ada_step = float(g("ada_target", 0.01)), float(g("ada_step", 0.02))
         if not 0 <= self.lam <= 1:
             raise ConfigError(f"--act-lambda must lie in [0, 1], got {self.lam}")
@@ -208,7 +211,7 @@ class ACT(CT):
         if do_r1:
             (grad,) = torch.autograd.grad(d_real.sum(), real_aug, create_graph=True)
             r1 = (grad.pow(2).flatten(1).sum(1) * w_real).mean()
-            loss = loss + 0.5 * self.r1_gamma * self.r1_every * r1
+            loss = loss + 0.5 * self.r1_gamma * self.r1_scale * r1
             self.update_p(float(r1.detach()))
             res.update(r1=r1.detach(), ada_p=torch.tensor(self.p))
         res["loss"] = loss

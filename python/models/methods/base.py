@@ -26,6 +26,10 @@ Hooks
                                     hidden states are the kept tokens only; routes: full sequences;
                                     a TokenPack keep_idx: packed rows (T, D), weighted per sample by
                                     keep_idx.token_weights(); set takes_packed_hidden when handled)
+  generator_optimizer() -> dict     the generator optimizer's hyper-parameters this method needs, as
+                                    AdamW keywords among OPTIMIZER_KEYS (CT/ACT: betas (0, 0.99));
+                                    {}: the trainer's (0.9, 0.999). --adam-betas overrides; the
+                                    trainer re-applies the result after a resume
   aux_modules() -> {name: AuxModule}
                                     modules with an optimizer of their own (ACT's discriminator):
                                     their own AdamW, gradient averaging, clipping and checkpoint
@@ -71,6 +75,9 @@ from ..objectives import FlowMatching
 # The backbone's forward options that decide which tokens it sees (a token plan).
 TOKEN_OPTIONS = ("routes", "keep_idx")
 
+# The generator optimizer's hyper-parameters a method may ask for (AdamW keywords).
+OPTIMIZER_KEYS = ("betas", "eps", "weight_decay")
+
 
 class ConfigError(ValueError):
     """A setting that argparse cannot check alone (it depends on the data, the checkpoint, the world
@@ -109,6 +116,9 @@ class Method:
         return {}
 
     def aux_modules(self) -> dict[str, AuxModule]:
+        return {}
+
+    def generator_optimizer(self) -> dict:
         return {}
 
     # --- the loss ----------------------------------------------------------------------------------
@@ -263,6 +273,18 @@ class Composite(Method):
 
     def aux_modules(self):
         return dict(self._aux)
+
+    def generator_optimizer(self):
+        merged, owner = {}, {}
+        for n, p in self.parts:
+            for k, v in p.generator_optimizer().items():
+                if k not in OPTIMIZER_KEYS:
+                    raise ConfigError(f"method {n!r} sets the optimizer option {k!r}; known: {OPTIMIZER_KEYS}")
+                if k in merged and merged[k] != v:
+                    raise ConfigError(f"methods {owner[k]!r} and {n!r} need different generator optimizer {k}: "
+                                      f"{merged[k]} and {v}")
+                merged[k], owner[k] = v, n
+        return merged
 
     def forward_options(self, model, batch, step):
         opts = merge_options((n, p.forward_options(model, batch, step)) for n, p in self.parts)

@@ -10,6 +10,11 @@ exp(s0 ln mu0 / (N(k) - 1)), mu0 = 0.9. Per sample an index i: the online net at
 net (no grad) at t_i, the same z; the distance pseudo-Huber (iCT: sqrt(||a - b||^2 + c^2) - c,
 c = 0.00054 sqrt(dim)), L2, or LPIPS from a local VGG16 file (lpips_distance.py; ACT's release uses it). The target net is the method's own EMA (updated before each step from
 the weights the last step produced); the trainer's evaluation EMA is separate and is what samples.
+The online and the target forward drop the same labels (one draw per step, as CM, iCT and ECT do;
+`--ct-label-dropout independent` draws twice). Options from iCT: the pair weight 1 / (t_{i+1} - t_i)
+(`--ct-weighting ict`) and the discretised lognormal choice of i (`--ct-pair-sampling lognormal`,
+P_mean -1.1, P_std 2.0). The generator's AdamW uses betas (0, 0.99), as ACT's release steps it
+(generator_optimizer; `--adam-betas` overrides).
 
 Noise conditioning: c_noise = 250 ln(sigma) by default at DiT widths (CM's 1000 * 0.25 ln sigma):
 over [0.002, 80] it spans about 2650, the range DiT's sinusoidal time embedder (max period 10^4) was
@@ -29,7 +34,7 @@ import torch
 
 from ..objectives import mean_prediction
 from . import register_method
-from .base import ConfigError, Method
+from .base import ConfigError, Method, draw_label_dropout
 
 NOISE_COND = {"cm": lambda s: 250.0 * torch.log(s), "raw": lambda s: s, "ect": lambda s: torch.log(s) / 4}
 
@@ -69,6 +74,17 @@ class CT(Method):
         group.add_argument("--ct-tau", type=float, default=0.821, help="the two-step sampler's intermediate sigma")
         group.add_argument("--ct-total-steps", type=int, default=None,
                            help="K of the N(k) schedule; default --steps of the run's start (kept on resume)")
+        group.add_argument("--ct-weighting", choices=("uniform", "ict"), default="uniform",
+                           help="per-pair loss weight: 1, or iCT's lambda(sigma_i) = 1 / (sigma_{i+1} - sigma_i)")
+        group.add_argument("--ct-pair-sampling", choices=("uniform", "lognormal"), default="uniform",
+                           help="the pair index i: uniform over the N - 1 pairs, or iCT's discretised lognormal "
+                                "p(i) ~ erf((ln sigma_{i+1} - P_mean) / (sqrt 2 P_std)) - erf((ln sigma_i - P_mean) / "
+                                "(sqrt 2 P_std))")
+        group.add_argument("--ct-p-mean", type=float, default=-1.1, help="P_mean of --ct-pair-sampling lognormal")
+        group.add_argument("--ct-p-std", type=float, default=2.0, help="P_std of --ct-pair-sampling lognormal")
+        group.add_argument("--ct-label-dropout", choices=("shared", "independent"), default="shared",
+                           help="the online and the target forward drop the same labels (one draw, as CM, iCT and "
+                                "ECT) or draw each their own")
 
     def __init__(self, model=None, args=None):
         super().__init__(model, args)
@@ -92,6 +108,17 @@ class CT(Method):
         self.noise_cond = g("ct_noise_cond", None) or ("cm" if paper else "ect")
         self.cond = NOISE_COND[self.noise_cond]
         self.tau = float(g("ct_tau", 0.821))
+        self.weighting = g("ct_weighting", "uniform") or "uniform"
+        self.pair_sampling = g("ct_pair_sampling", "uniform") or "uniform"
+        self.p_mean, self.p_std = float(g("ct_p_mean", -1.1)), float(g("ct_p_std", 2.0))
+        self.label_dropout = g("ct_label_dropout", "shared") or "shared"
+        for flag, v, ok in (("--ct-weighting", self.weighting, ("uniform", "ict")),
+                            ("--ct-pair-sampling", self.pair_sampling, ("uniform", "lognormal")),
+                            ("--ct-label-dropout", self.label_dropout, ("shared", "independent"))):
+            if v not in ok:
+                raise ConfigError(f"{flag} must be one of {ok}, got {v!r}")
+        if not (self.p_std > 0 and math.isfinite(self.p_std) and math.isfinite(self.p_mean)):
+            raise ConfigError(f"need a finite --ct-p-mean and --ct-p-std > 0, got {self.p_mean}, {self.p_std}")
         self.total_steps = int(g("ct_total_steps", None) or g("steps", 1000))
         if not 0 < self.s_min < self.tau < self.s_max:
             raise ConfigError(f"need 0 < --ct-sigma-min < --ct-tau < --ct-sigma-max, got {self.s_min}, {self.tau}, "
@@ -121,6 +148,26 @@ class CT(Method):
         a, b = self.s_min ** (1 / self.rho), self.s_max ** (1 / self.rho)
         return (a + i * (b - a)) ** self.rho
 
+    def pair_probs(self, grid: torch.Tensor) -> torch.Tensor:
+        """(N - 1,) float64 probabilities of the pair index i (online at grid[i + 1], target at grid[i])."""
+        n = grid.numel() - 1
+        if self.pair_sampling == "uniform":
+            return torch.full((n,), 1.0 / n, dtype=torch.float64, device=grid.device)
+        cdf = torch.erf((grid.log() - self.p_mean) / (math.sqrt(2.0) * self.p_std))
+        p = cdf[1:] - cdf[:-1]
+        return p / p.sum()
+
+    def pair_weight(self, t_hi: torch.Tensor, t_lo: torch.Tensor) -> torch.Tensor:
+        """(B,) float64 loss weight per pair: 1, or iCT's 1 / (sigma_{i+1} - sigma_i)."""
+        if self.weighting == "uniform":
+            return torch.ones_like(t_hi, dtype=torch.float64)
+        return 1.0 / (t_hi.to(torch.float64) - t_lo.to(torch.float64))
+
+    def generator_optimizer(self) -> dict:
+        # ACT's release steps the generator with (R)Adam betas (0, 0.99); with (0.9, 0.999) CT and ACT
+        # diverge at the small sigmas (README, "CT and ACT").
+        return {"betas": (0.0, 0.99)}
+
     def load_lpips(self):
         """Build the LPIPS network from --lpips-vgg once. Not in __init__: effkernels-sample rebuilds
         the method from a checkpoint's options and never needs the distance (or the VGG file)."""
@@ -134,8 +181,9 @@ class CT(Method):
         self.load_lpips()  # training: a missing or wrong --lpips-vgg file fails before the first step
 
     # --- the consistency function ------------------------------------------------------------------
-    def f(self, net, x: torch.Tensor, sigma: torch.Tensor, y) -> torch.Tensor:
-        """c_skip x + c_out F(c_in x, c_noise, y), sigma (B,): f(x, sigma_min) = x exactly."""
+    def f(self, net, x: torch.Tensor, sigma: torch.Tensor, y, force_drop_ids=None) -> torch.Tensor:
+        """c_skip x + c_out F(c_in x, c_noise, y), sigma (B,): f(x, sigma_min) = x exactly. force_drop_ids
+        (B,): the labels dropped to the null class (None: the backbone draws, in training mode)."""
         s = sigma.to(torch.float64)
         # sigma_min rounded as sigma was (float32 0.002 is not float64 0.002): else s - s_min is
         # ~1e-10 at the boundary and c_out F leaks into f(x, sigma_min), which must equal x exactly.
@@ -144,7 +192,8 @@ class CT(Method):
         c_out = (s - s_min) * self.sd / (self.sd ** 2 + s ** 2).sqrt()
         c_in = 1 / (s ** 2 + self.sd ** 2).sqrt()
         view = (-1,) + (1,) * (x.dim() - 1)
-        out = net(x * c_in.view(view).to(x.dtype), self.cond(s).to(torch.float32), y)
+        kw = {} if force_drop_ids is None else {"force_drop_ids": force_drop_ids}
+        out = net(x * c_in.view(view).to(x.dtype), self.cond(s).to(torch.float32), y, **kw)
         out = mean_prediction(out[0] if isinstance(out, tuple) else out, x)
         return c_skip.view(view).to(x.dtype) * x + c_out.view(view).to(x.dtype) * out
 
@@ -169,15 +218,19 @@ class CT(Method):
         dev = g.device if g is not None else x.device
         n = self.num_scales(step)
         grid = self.sigmas(n, device=x.device)
-        i = torch.randint(0, n - 1, (x.shape[0],), generator=g, device=dev).to(x.device)
+        if self.pair_sampling == "uniform":
+            i = torch.randint(0, n - 1, (x.shape[0],), generator=g, device=dev).to(x.device)
+        else:
+            i = torch.multinomial(self.pair_probs(grid).to(dev), x.shape[0], replacement=True, generator=g).to(x.device)
         z = batch.get("noise")
         z = torch.randn(x.shape, generator=g, device=dev).to(x) if z is None else z
         t_hi, t_lo = grid[i + 1], grid[i]
-        online = self.f(model, x + t_hi.view(-1, 1, 1, 1).to(x.dtype) * z, t_hi, y)
+        drop = draw_label_dropout(self.backbone, batch) if self.label_dropout == "shared" else None
+        online = self.f(model, x + t_hi.view(-1, 1, 1, 1).to(x.dtype) * z, t_hi, y, drop)
         with torch.no_grad():
             self.target.train(self.backbone.training)  # the same label dropout regime, no grad
-            target = self.f(self.target, x + t_lo.view(-1, 1, 1, 1).to(x.dtype) * z, t_lo, y)
-        d = self.dist(online, target)
+            target = self.f(self.target, x + t_lo.view(-1, 1, 1, 1).to(x.dtype) * z, t_lo, y, drop)
+        d = self.dist(online, target) * self.pair_weight(t_hi, t_lo).to(torch.float32)
         return {"loss": d.mean(), "loss_per_sample": d.detach(), "distance_per_sample": d, "ct_scales": torch.tensor(float(n)),
                 "pred": online, "sigma": t_hi, "noise": z, "options": {}}
 
