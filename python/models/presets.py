@@ -1,4 +1,4 @@
-"""Paper presets: the training and sampling defaults of DiT, SiT and REPA's ImageNet 256 runs, named.
+"""Paper presets: the training and sampling defaults of each method's paper run, named.
 
     effkernels-train --preset repa --model SiT-XL/2 --data /data/imagenet256 ...   # REPA's recipe
     effkernels-train --preset sit --lr 2e-4 ...                                    # a flag still wins
@@ -20,12 +20,27 @@ sihyun-yu/REPA train.py and its README's commands):
                defaults); the objective of DiT/SiT follows from the model name.
   sampling     DiT: 250 DDPM steps, cfg 1.5 on the first 3 channels (its FID 2.27); SiT: 250-step SDE
                (Euler-Maruyama), cfg 1.5 (2.06); REPA: 250-step SDE, cfg 1.8 on t in [0, 0.7] (1.42).
+The methods built on them (the method's own options are its defaults unless listed):
+  tread        SiT's settings (TREAD trains on the DiT/SiT code base) with the method tread.
+  maskdit      Anima-Lab/MaskDiT configs/train/imagenet256-latent.yaml: lr 1e-4, global batch 1024
+               (128 per GPU x 8), no clipping, flipped latents, mask ratio 0.5, MAE weight 0.1, 2M steps;
+               EMA 0.9999 from step 0 as DiT's.
+  erw          REPA's settings with the method erw (warm-up 100K steps, c0 by model size).
+  sra          SiT's settings with REPA's clipping 1.0 (SRA's release is built on REPA's trainer); the
+               EMA is SRA's teacher, 0.9999 from step 0.
+  ct, act      kong13661/ACT train_imagenet64.py: generator and discriminator lr 5e-5, betas (0, 0.99)
+               (the methods' own), a global batch of 640 split into a generator and a discriminator half
+               (its 320 per half on one device), no clipping, no warm-up, 400K steps, N(k) from 2 to 200,
+               target decay mu0 0.95, LPIPS distance (needs --lpips-vgg); act: lambda 0.6 t-weighted with
+               mid 0.2. Sampling: one step (the methods' sampler).
+A preset that needs a file the run cannot make up (REPA's and ERW's pretrained encoder, LPIPS's VGG
+weights) makes that flag required: without it the run is a clear error, never a CPU demo stand-in.
 """
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,8 @@ class Preset:
     ckpt_every: int = 50_000
     log_every: int = 100
     method: str | None = None  # None: keep the parser's (or the user's) method
+    options: tuple = ()  # (dest, value) pairs of the method's own options
+    requires: tuple = ()  # (dest, what it is[, (dest, value) while which it is needed]): options to give
     # --- sampling (effkernels-sample) ---
     sampler: str = "euler-maruyama"
     sample_steps: int = 250
@@ -66,23 +83,35 @@ class Preset:
 
     def train_defaults(self) -> dict:
         d = {k: getattr(self, k) for k in self.TRAIN}
-        return {k: v for k, v in d.items() if v is not None}
+        return {**{k: v for k, v in d.items() if v is not None}, **dict(self.options)}
 
     def sample_defaults(self) -> dict:
         d = {k: getattr(self, k) for k in self.SAMPLE}
         d["steps"] = d.pop("sample_steps")  # effkernels-sample's --steps
         return d
 
-    def describe(self) -> str:
-        skip = {"name", "paper"}
-        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name not in skip)
 
+_ENCODER = ("repa_encoder", "--repa-encoder SPEC (the pretrained target encoder, e.g. dinov2-vitb14:/path/weights.pth)")
+_VGG = ("lpips_vgg", "--lpips-vgg PATH (a local VGG16 weights file for the LPIPS distance)", ("ct_distance", "lpips"))
+_ACT64 = dict(lr=5e-5, batch_size=640, ema=0.9999, grad_clip=0.0, hflip=False, sample_steps=1, cfg_scale=1.0,
+              requires=(_VGG,))
+_ACT64_CT = (("ct_s1", 200), ("ct_mu0", 0.95), ("ct_distance", "lpips"))
 
 PRESETS = {
     "dit": Preset("dit", "DiT (Peebles & Xie 2023)", hflip=True, sampler="ddpm"),
     "sit": Preset("sit", "SiT (Ma et al. 2024)", hflip=True),
     "repa": Preset("repa", "REPA (Yu et al. 2025)", grad_clip=1.0, method="repa", cfg_scale=1.8,
-                   guidance_high=0.7),
+                   guidance_high=0.7, requires=(_ENCODER,)),
+    "tread": Preset("tread", "TREAD (Krause et al. 2025)", hflip=True, method="tread"),
+    "maskdit": Preset("maskdit", "MaskDiT (Zheng et al. 2024)", batch_size=1024, hflip=True, steps=2_000_000,
+                      method="maskdit", options=(("mask_ratio", 0.5), ("mae_weight", 0.1))),
+    "erw": Preset("erw", "ERW (Liu et al. 2025)", grad_clip=1.0, method="erw", cfg_scale=1.8, guidance_high=0.7,
+                  options=(("erw_warmup_steps", 100_000),), requires=(_ENCODER,)),
+    "sra": Preset("sra", "SRA (Jiang et al. 2025)", grad_clip=1.0, hflip=False, method="sra"),
+    "ct": Preset("ct", "ACT's consistency training (Kong et al. 2024)", method="ct", options=_ACT64_CT, **_ACT64),
+    "act": Preset("act", "ACT (Kong et al. 2024), ImageNet64", method="act", **_ACT64,
+                  options=(*_ACT64_CT, ("act_lambda", 0.6), ("act_lambda_schedule", "t-weighted"),
+                           ("act_lambda_mid", 0.2), ("act_d_lr", 5e-5))),
 }
 
 
@@ -124,6 +153,21 @@ def overrides(args: argparse.Namespace, installed: dict) -> dict:
     return {k: (v, getattr(args, k)) for k, v in installed.items() if getattr(args, k) != v}
 
 
+def missing_requirements(preset: Preset | None, args: argparse.Namespace) -> list[str]:
+    """The preset's required options that `args` leaves unset, each as "--flag VALUE (what it is)". None
+    while the run does not use the preset's method (a flag chose another), or the option that needs it
+    was changed by a flag."""
+    if preset is None or (preset.method and preset.method not in str(getattr(args, "method", "")).split("+")):
+        return []
+    out = []
+    for dest, what, *when in preset.requires:
+        if when and getattr(args, when[0][0], None) != when[0][1]:
+            continue
+        if getattr(args, dest, None) in (None, []):
+            out.append(what)
+    return out
+
+
 def announce(preset: Preset | None, args: argparse.Namespace, installed: dict, prog: str) -> str | None:
     """The start-up line: the preset's settings and what flags overrode (printed by rank 0 only)."""
     if preset is None:
@@ -136,6 +180,3 @@ def announce(preset: Preset | None, args: argparse.Namespace, installed: dict, p
         print(line, flush=True)
     return line
 
-
-def as_dict(preset: Preset) -> dict:
-    return asdict(preset)
