@@ -183,8 +183,37 @@ def test_reference_vs_float64_loops(seed):
                 e = abs(zh[b, n, d].item() - z[b, n, d].item())
                 sl1 += 0.5 * e * e / beta if e < beta else e - 0.5 * beta
                 mse += e * e
-    assert math.isclose(ref.smooth_l1_alignment_loss(zh, z, beta).item(), sl1 / (B * N), rel_tol=1e-5)
-    assert math.isclose(ref.mse_alignment_loss(zh, z).item(), mse / (B * N), rel_tol=1e-5)
+    # the mean over all B * N * D elements (F.smooth_l1_loss / F.mse_loss's default), not a sum over D
+    assert math.isclose(ref.smooth_l1_alignment_loss(zh, z, beta).item(), sl1 / (B * N * D), rel_tol=1e-5)
+    assert math.isclose(ref.mse_alignment_loss(zh, z).item(), mse / (B * N * D), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("shape", ((2, 7, 1), (3, 5, 17), (1, 4, 384)), ids=_ids)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=lambda d: str(d)[6:])
+def test_smooth_l1_and_mse_are_means_over_all_elements(seed, shape, dtype):
+    """SRA's release: F.smooth_l1_loss(z_hat, z, beta=0.05) and F.mse_loss(z_hat, z), both with the
+    default mean over every element; ours match them (math in float32), values and gradients, for
+    every backend choice."""
+    print(f"seed={seed} shape={shape} dtype={dtype}")
+    zh = (torch.randn(shape) * 0.1).to(dtype)  # |error| straddles beta = 0.05: both branches of the Huber
+    z = (torch.randn(shape) * 0.1).to(dtype)
+    F = torch.nn.functional
+    for name, ours, theirs in (
+            ("smooth_l1", lambda a: ops.smooth_l1_alignment_loss(a, z, 0.05),
+             lambda a: F.smooth_l1_loss(a, z.float(), beta=0.05)),
+            ("mse", lambda a: ops.mse_alignment_loss(a, z), lambda a: F.mse_loss(a, z.float()))):
+        a = zh.clone().requires_grad_()
+        got = ours(a)
+        got.backward()
+        b = zh.float().clone().requires_grad_()
+        want = theirs(b)
+        want.backward()
+        assert got.dtype == torch.float32, name
+        assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-9), name
+        assert rel_err(a.grad.float(), b.grad) <= TOL_REDUCE[dtype], name
+        for backend in ("reference", "auto"):
+            with use_backend(backend):
+                assert ours(zh).item() == pytest.approx(want.item(), rel=1e-5, abs=1e-9), (name, backend)
 
 
 def test_reference_gradcheck(seed):
@@ -354,25 +383,26 @@ def test_norm_floor_is_eps_except_float16():
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_token_weighted_losses_are_the_weighted_sums(seed, backend):
     """loss(token_weight=w) = sum w * (per-token loss) against plain float64 loops, for every loss
-    and the fused projection; uniform 1/(B N) weights give the unweighted mean."""
+    and the fused projection (smooth-L1 and MSE per token: the mean over D); uniform 1/(B N)
+    weights give the unweighted mean."""
     B, N, D, K = 2, 5, 7, 3
     zh, z, w = torch.randn(B, N, D), torch.randn(B, N, D), torch.rand(B, N)
     h, W, b = torch.randn(B, N, K), torch.randn(D, K), torch.randn(D)
     zd, zhd = z.double(), zh.double()
     cos = [[(zhd[i, n] @ zd[i, n] / (zhd[i, n].norm() * zd[i, n].norm())).item() for n in range(N)] for i in range(B)]
-    hub = torch.nn.functional.smooth_l1_loss(zhd, zd, beta=0.05, reduction="none").sum(-1)
+    hub = torch.nn.functional.smooth_l1_loss(zhd, zd, beta=0.05, reduction="none").mean(-1)
     y = h.double() @ W.double().T + b.double()
     pcos = torch.nn.functional.cosine_similarity(y, zd, dim=-1)
     with use_backend(backend):
         cases = [
             (ops.cosine_alignment_loss(zh, z, token_weight=w), -(torch.tensor(cos) * w.double()).sum()),
             (ops.smooth_l1_alignment_loss(zh, z, 0.05, token_weight=w), (hub * w.double()).sum()),
-            (ops.mse_alignment_loss(zh, z, token_weight=w), ((zhd - zd).pow(2).sum(-1) * w.double()).sum()),
+            (ops.mse_alignment_loss(zh, z, token_weight=w), ((zhd - zd).pow(2).mean(-1) * w.double()).sum()),
             (ops.projected_cosine_loss(h, W, b, z, token_weight=w), -(pcos * w.double()).sum()),
         ]
         u = torch.full((B, N), 1.0 / (B * N))
-        assert ops.cosine_alignment_loss(zh, z, token_weight=u).item() == pytest.approx(
-            ops.cosine_alignment_loss(zh, z).item(), rel=1e-5, abs=1e-6)
+        for loss in (ops.cosine_alignment_loss, ops.smooth_l1_alignment_loss, ops.mse_alignment_loss):
+            assert loss(zh, z, token_weight=u).item() == pytest.approx(loss(zh, z).item(), rel=1e-5, abs=1e-6)
     for got, want in cases:
         assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
 

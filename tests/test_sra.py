@@ -9,7 +9,8 @@ import torch
 
 from effkernels.models import train as train_mod
 from effkernels.models.backbone import build
-from effkernels.models.methods import Composite, ConfigError
+from effkernels.models.diffusion import GaussianDiffusion
+from effkernels.models.methods import Composite, ConfigError, build_method
 from effkernels.models.methods.sra import SRA, default_pair
 
 SMALL = dict(depth=6, hidden_size=32, num_heads=2)
@@ -39,7 +40,9 @@ def _setup(seed, **kw):
 
 
 def test_default_pairs_and_bad_options():
-    assert default_pair(12) == (4, 8) and default_pair(28) == (8, 20) and default_pair(28, True) == (8, 16)
+    # SiT-B: 3 -> 8, the authors' SiT-B script; XL: 8 -> 20 (SiT), 8 -> 16 (DiT-XL)
+    assert default_pair(12) == (3, 8) and default_pair(28) == (8, 20) and default_pair(28, True) == (8, 16)
+    assert SRA(build("tiny/2", depth=12, hidden_size=32, num_heads=2), _args()).student_depth == 3
     assert default_pair(6) == (2, 4)
     model = build("tiny/2", **SMALL)
     for kw, match in ((dict(sra_teacher_depth=7), "--sra-teacher-depth"), (dict(sra_t_max=1.5), "--sra-t-max"),
@@ -122,6 +125,11 @@ def test_composes_with_tread_and_maskdit(tmp_path, seed):
                            "--log-every", "1", *common]) == 0
     row = train_mod.MetricsLog.read(str(tmp_path / "c" / "metrics.jsonl"))[-1]
     assert np.isfinite(row["sra"]) and np.isfinite(row["loss"])
+    # DiT's DDPM objective: the teacher at fewer integer steps of the same process
+    dit = ["--model-kwargs", '{"depth": 6, "hidden_size": 32, "num_heads": 2, "learn_sigma": true}', *common[2:]]
+    assert train_mod.main(["--out", str(tmp_path / "d"), "--method", "dit+sra", "--log-every", "1", *dit]) == 0
+    row = train_mod.MetricsLog.read(str(tmp_path / "d" / "metrics.jsonl"))[-1]
+    assert np.isfinite(row["sra"]) and np.isfinite(row["loss"])
 
 
 def test_smooth_l1_weight_follows_the_release_schedule():
@@ -153,3 +161,83 @@ def test_smooth_l1_term_uses_the_scheduled_weight(seed):
     r2 = Composite([("sra", m)]).loss(model, _batch(seed), 2)["sra"]  # same batch and draws, epoch 2: 100x less
     assert r0 > 0
     torch.testing.assert_close(r2, r0 * 0.01, rtol=1e-6, atol=0)
+
+
+def test_head_is_xavier_uniform_with_zero_biases(seed):
+    """The release initialises the head's Linears as every Linear of its model: xavier-uniform, bias 0."""
+    print(f"seed={seed}")
+    torch.manual_seed(seed)
+    head = SRA(build("tiny/2", depth=6, hidden_size=64, num_heads=2), _args()).head
+    for lin, (fan_out, fan_in) in ((head[0], (128, 64)), (head[2], (64, 128))):
+        assert torch.count_nonzero(lin.bias) == 0
+        bound = (6.0 / (fan_in + fan_out)) ** 0.5
+        w = lin.weight.detach()
+        assert float(w.abs().max()) <= bound
+        # U(-a, a) has std a / sqrt(3); PyTorch's default (kaiming-uniform, a = 1/sqrt(fan_in)) is smaller
+        assert float(w.std()) == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+
+
+def _teacher_spy(teacher):
+    seen, orig = {}, teacher.forward
+
+    def spy(x, t, y, **kw):
+        seen.update(x=x.clone(), t=t.clone())
+        return orig(x, t, y, **kw)
+
+    teacher.forward = spy
+    return seen
+
+
+@pytest.mark.parametrize("spec", ["sra", "maskdit+sra", "dit+sra"])
+def test_teacher_time_and_input_follow_the_objectives_own_forward_process(seed, spec):
+    """For every objective SRA composes with, the teacher's t is never noisier than the student's, lies
+    in the objective's own range, and its input is that objective's forward process at that t with
+    the student's x and noise: flow matching (sit, maskdit) t - 0.2 U in [0, 1]; DDPM (dit) integer
+    steps clamp(t - randint(0, 200), 1, 999), never above t."""
+    print(f"seed={seed} spec={spec}")
+    ddpm = spec.startswith("dit")
+    model = build("tiny/2", **SMALL, learn_sigma=ddpm).train()
+    model.y_embedder.dropout_prob = 0.0  # the step generator's first draw is then the teacher's
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    method = build_method(spec, model, argparse.Namespace(**vars(_args()), mask_ratio=0.5, mae_weight=0.1,
+                                                          mask_ratio_range=None, decoder_depth=None,
+                                                          decoder_width=None))
+    sra = dict(method.parts)["sra"]
+    sra.teacher = teacher
+    seen = _teacher_spy(teacher)
+    b = 8
+    batch = _batch(seed, b)
+    if ddpm:  # the steps of the reported defect, the ends of the range, and a draw
+        batch["t"] = torch.tensor([963, 379, 427, 503, 0, 1, 999, 150])
+    res = method.loss(model, batch, 0)
+    t, t_s, x_s = batch["t"], seen["t"], seen["x"]
+    assert "sra" in res and torch.isfinite(res["loss"])
+    if ddpm:
+        diffusion = res["diffusion"]
+        assert isinstance(diffusion, GaussianDiffusion) and diffusion.num_steps == 1000
+        steps = t_s.round().long()
+        assert torch.equal(steps.float(), t_s)  # integer steps, given to the network as DiT's time
+        k = torch.randint(0, 200, (b,), generator=torch.Generator().manual_seed(seed))
+        want = torch.minimum((t - k).clamp(1, 999), t)  # DiT-SRA's rule, never above the student's step
+        assert torch.equal(steps, want)
+        assert bool((steps <= t).all()) and bool((steps >= 0).all()) and bool((steps[t >= 1] >= 1).all())
+        assert bool((steps >= (t - 199).clamp(min=1).minimum(t)).all())
+        assert int(steps[4]) == 0 and int(steps[5]) == 1  # a student at step 0 (1): the teacher at 0 (1)
+        torch.testing.assert_close(x_s, diffusion.q_sample(batch["x"], steps, batch["noise"]), rtol=0, atol=0)
+    else:
+        u = torch.rand(b, generator=torch.Generator().manual_seed(seed))
+        if spec.startswith("maskdit"):  # the mask's draw comes first
+            assert bool((t_s <= t).all()) and bool((t_s >= (t - 0.2).clamp(0, 1) - 1e-7).all())
+        else:
+            torch.testing.assert_close(t_s, (t - 0.2 * u).clamp(0, 1), rtol=0, atol=0)
+        assert t_s.is_floating_point() and bool((t_s <= t).all()) and bool(((t_s >= 0) & (t_s <= 1)).all())
+        tt = t_s.view(-1, 1, 1, 1)
+        torch.testing.assert_close(x_s, (1 - tt) * batch["x"] + tt * batch["noise"], rtol=0, atol=0)
+
+
+def test_refuses_an_objective_without_t_and_noise(seed):
+    model, teacher, m = _setup(seed)
+    with pytest.raises(ConfigError, match="flow-matching .* or DDPM"):
+        m.target({"hidden": {}, "options": {}}, _batch(seed))

@@ -20,7 +20,8 @@ class AlignmentHead(nn.Module):
     Args:
         dim: width D of the hidden state; z_dim: width of the target features; hidden: projector
             width (REPA: 2048); loss: "cosine" (REPA, negative mean cosine), "smooth_l1" (SRA's
-            original, transition at beta) or "mse"; backend: passed to effkernels.ops.
+            original, transition at beta) or "mse", both means over all elements (tokens and
+            features, as F.smooth_l1_loss / F.mse_loss); backend: passed to effkernels.ops.
         fused: for the cosine loss, compute the last Linear inside the loss
             (ops.projected_cosine_loss: the (B, N, z_dim) projection is never materialised whole)
             instead of project() then ops.cosine_alignment_loss; None: FUSED_DEFAULT for h's device.

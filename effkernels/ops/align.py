@@ -101,7 +101,10 @@ def cosine_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor, eps: float = 1e-
 
 def smooth_l1_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor, beta: float = 0.05, *,
                              token_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """SRA's original distance: smooth-L1 summed over D, mean over tokens (PyTorch's fused op)."""
+    """SRA's original distance: smooth-L1 (transition at beta), the mean over ALL elements (batch,
+    tokens and D), i.e. F.smooth_l1_loss(z_hat, z, beta=beta) with its default mean, as SRA's
+    release reduces it; with token_weight, the weighted sum over tokens of each token's mean over D.
+    Float32 scalar; z gets no gradient."""
     _check(z_hat, z)
     _check_weight(token_weight, z_hat)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < float("inf"):
@@ -111,7 +114,9 @@ def smooth_l1_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor, beta: float =
 
 def mse_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor, *,
                        token_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared error summed over D, mean over tokens (PyTorch's fused op)."""
+    """Squared error, the mean over ALL elements (batch, tokens and D), i.e. F.mse_loss(z_hat, z);
+    with token_weight, the weighted sum over tokens of each token's mean over D. Float32 scalar; z
+    gets no gradient."""
     _check(z_hat, z)
     _check_weight(token_weight, z_hat)
     return ref.mse_alignment_loss(z_hat, z, token_weight)

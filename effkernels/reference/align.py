@@ -52,15 +52,18 @@ def cosine_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor, eps: float = 1e-
 
 def smooth_l1_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor, beta: float = 0.05,
                              token_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Smooth-L1 (Huber, transition at beta) summed over D, mean over tokens and batch (SRA's original)."""
+    """Smooth-L1 (Huber, transition at beta): the mean over ALL elements (batch, tokens and D), as
+    F.smooth_l1_loss(z_hat, z, beta=beta) (reduction "mean", SRA's original loss); weighted:
+    reduce_tokens of the per-token mean over D."""
     d = F.smooth_l1_loss(_up(z_hat), _up(z.detach()), beta=beta, reduction="none")
-    return reduce_tokens(d.sum(-1), token_weight)
+    return reduce_tokens(d.mean(-1), token_weight)
 
 
 def mse_alignment_loss(z_hat: torch.Tensor, z: torch.Tensor,
                        token_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared error summed over D, mean over tokens and batch."""
-    return reduce_tokens((_up(z_hat) - _up(z.detach())).pow(2).sum(-1), token_weight)
+    """Squared error: the mean over ALL elements (batch, tokens and D), as F.mse_loss(z_hat, z);
+    weighted: reduce_tokens of the per-token mean over D."""
+    return reduce_tokens((_up(z_hat) - _up(z.detach())).pow(2).mean(-1), token_weight)
 
 
 # ---------------------------------------------------------------------------------------------

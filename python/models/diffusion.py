@@ -109,6 +109,10 @@ class GaussianDiffusion:
         """arr[t] as float32 (DiT's _extract_into_tensor), broadcast over like's trailing dims."""
         return _expand(arr.to(t.device)[t].float(), like)
 
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The time the network is given at integer steps t (B,): timestep_map[t], float32."""
+        return torch.as_tensor(self.timestep_map, device=t.device)[t].float()
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return self._at(self.alphas_cumprod.sqrt(), t, x0) * x0 + self._at((1 - self.alphas_cumprod).sqrt(), t, x0) * noise
 
@@ -219,8 +223,10 @@ class DDPMObjective:
 
     def loss(self, model, x: torch.Tensor, y=None, generator=None, *, t: torch.Tensor | None = None,
              noise: torch.Tensor | None = None, **model_kwargs) -> dict:
-        """dict(loss, loss_per_sample, mse, vb, t, noise, x_t, pred, target[, hidden]); the network is
-        called as model(x_t, t.float(), y, **model_kwargs). t (B,) int and noise may be given."""
+        """dict(loss, loss_per_sample, mse, vb, t, noise, x_t, pred, target, diffusion[, hidden]); the
+        network is called as model(x_t, diffusion.model_time(t), y, **model_kwargs). t (B,) int and
+        noise may be given. "diffusion" is the process that noised x (x_t = diffusion.q_sample(x, t,
+        noise)), for a method that noises x again (SRA's teacher)."""
         if not torch.is_tensor(x) or x.dim() < 2:
             raise ValueError(f"DDPMObjective.loss: x must be a tensor (B, ...), got {type(x).__name__}")
         b = x.shape[0]
@@ -239,8 +245,7 @@ class DDPMObjective:
         elif noise.shape != x.shape:
             raise ValueError(f"DDPMObjective.loss: noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
         x_t = self.diffusion.q_sample(x, t, noise)
-        tm = torch.as_tensor(self.diffusion.timestep_map, device=x.device)[t]
-        out = model(x_t, tm.float(), y, **model_kwargs)
+        out = model(x_t, self.diffusion.model_time(t), y, **model_kwargs)
         hidden = None
         if isinstance(out, tuple):
             out, hidden = out
@@ -248,7 +253,7 @@ class DDPMObjective:
         # fp32 terms whatever the autocast dtype (as the flow loss)
         eps, x0, xt32 = eps.float(), x.float(), x_t.float()
         mse = (eps - noise.float()).pow(2).flatten(1).mean(1)
-        res = {"t": t, "noise": noise, "x_t": x_t, "pred": eps, "target": noise}
+        res = {"t": t, "noise": noise, "x_t": x_t, "pred": eps, "target": noise, "diffusion": self.diffusion}
         if var_values is not None:
             # the bound trains only the variance: the mean (through eps) is held fixed in it
             frozen = torch.cat([eps.detach(), var_values.float()], dim=1)

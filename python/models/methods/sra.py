@@ -1,13 +1,22 @@
-"""SRA: self-representation alignment (shared/METHODS.md, "SRA").
+"""SRA: self-representation alignment.
 
 No external encoder: the teacher is the student's own EMA (eval mode, no grad), given the same clean
-x, the same noise and the same post-dropout labels, at LESS noise per sample:
-    t_teacher = clamp(t - t_max * U(0, 1), 0, 1),  t_max = 0.2.
-The student's hidden state at depth s goes through a head Linear(D, 2D) - SiLU - Linear(2D, D); the
-teacher's raw hidden state at depth t_b is the target, its forward stopped there (stop_at). Loss:
-the per-token cosine over the feature dimension (effkernels.ops.cosine_alignment_loss, fused,
-float32), weight 0.5 at every step; `--sra-loss smooth_l1` (beta 0.05) is the paper's original form,
-with the weight schedule of the authors' release (SiT-SRA/train.py, read for its formula, not copied):
+x, the same noise and the same post-dropout labels, at LESS noise per sample, through the forward
+process of the objective it composes with:
+    flow matching (SiT, MaskDiT; t in [0, 1]):  t_teacher = clamp(t - t_max * U(0, 1), 0, 1),
+        x_teacher = (1 - t_teacher) x + t_teacher noise;
+    DDPM (DiT; integer steps 0..T-1):            t_teacher = clamp(t - k, 1, T - 1), k ~ U{0, ..,
+        int(T t_max) - 1} (DiT-SRA's rule), never above t (a student at step 0 keeps a teacher at
+        step 0), x_teacher = the objective's q_sample(x, t_teacher, noise);
+with t_max = 0.2; the teacher is never noisier than the student. An objective that reports neither
+(no t, noise) is refused. The student's hidden state at depth s goes through a head
+Linear(D, 2D) - SiLU - Linear(2D, D) (xavier-uniform weights, zero biases, as the release
+initialises it); the teacher's raw hidden state at depth t_b is the target, its forward stopped
+there (stop_at). Loss: the per-token cosine over the feature dimension
+(effkernels.ops.cosine_alignment_loss, fused, float32), weight 0.5 at every step; `--sra-loss
+smooth_l1` (beta 0.05, the mean over all elements, as the release's F.smooth_l1_loss) is the
+paper's original form, with the weight schedule of the authors' release (SiT-SRA/train.py, read for
+its formula, not copied):
     weight(epoch) = 0.2                                      for epoch <= E0
                   = 0.2 * 0.1 ** ((epoch - E0) / L)          after (ten times smaller every L epochs)
 with E0 = 149, L = 1000 at 256 px (their 512 px runs: 99, 800), epoch = the integer count of passes
@@ -27,13 +36,15 @@ from torch import nn
 from effkernels import ops
 from effkernels.nn.routing import TokenPack
 
+from ..diffusion import GaussianDiffusion
 from ..objectives import interpolate
 from . import register_method
 from .base import ConfigError, Method, draw_label_dropout
 
-# (student depth, teacher depth) by model depth, from METHODS.md: B (12) 4 -> 8, XL (28) 8 -> 20
-# (SiT; DiT-XL with learned sigma 8 -> 16). Other depths: a third and two thirds of the way up.
-PAIRS = {12: (4, 8), 28: (8, 20)}
+# (student depth, teacher depth) by model depth, from the authors' scripts: B (12) 3 -> 8 (their
+# SiT-B script), XL (28) 8 -> 20 (SiT; DiT-XL with learned sigma 8 -> 16). Other depths: a third and
+# two thirds of the way up.
+PAIRS = {12: (3, 8), 28: (8, 20)}
 
 
 def default_pair(depth: int, learn_sigma: bool = False) -> tuple[int, int]:
@@ -51,14 +62,18 @@ class SRA(Method):
     @staticmethod
     def add_args(group) -> None:
         group.add_argument("--sra-student-depth", type=int, default=None,
-                           help="student block s; default 4 for depth 12, 8 for 28, else round(depth/3)")
+                           help="student block s (1-based); default 3 for depth 12 (the authors' SiT-B script), "
+                                "8 for 28, else round(depth/3)")
         group.add_argument("--sra-teacher-depth", type=int, default=None,
                            help="teacher (EMA) block t_b, where its forward stops; default 8 for depth 12, 20 "
                                 "for 28 (16 for DiT-XL), else round(2 depth/3)")
         group.add_argument("--sra-t-max", type=float, default=0.2,
-                           help="the teacher's t is t - t_max * U(0, 1), clamped to [0, 1]")
+                           help="the teacher's less-noisy time: flow matching t - t_max * U(0, 1), clamped to "
+                                "[0, 1]; DDPM (dit) t - randint(0, int(1000 t_max)), clamped to [1, 999] and "
+                                "never above t")
         group.add_argument("--sra-loss", choices=("cosine", "smooth_l1"), default="cosine",
-                           help="per-token cosine over features (default) or the paper's smooth-L1 (beta 0.05)")
+                           help="per-token cosine over features (default) or the paper's smooth-L1 (beta 0.05, "
+                                "the mean over tokens and features)")
         group.add_argument("--sra-weight", type=float, default=None,
                            help="weight of the alignment term (at the start, if it decays); default 0.5 (cosine) or "
                                 "0.2 (smooth_l1)")
@@ -101,6 +116,9 @@ class SRA(Method):
         self.steps_per_epoch = steps_per_epoch
         d = model.hidden_size
         self.head = nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d))
+        for lin in (self.head[0], self.head[2]):  # the release's init of every Linear
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
         self.backbone = model
         self.teacher = teacher
 
@@ -134,16 +152,42 @@ class SRA(Method):
         return opts
 
     def teacher_t(self, t: torch.Tensor, generator) -> torch.Tensor:
-        """Per sample t_teacher = clamp(t - t_max U, 0, 1) <= t: never more noise than the student."""
+        """Flow matching, per sample: t_teacher = clamp(t - t_max U, 0, 1) <= t, never more noise."""
         u = torch.rand(t.shape, generator=generator, device=generator.device if generator is not None else t.device)
         return (t - self.t_max * u.to(t.device, t.dtype)).clamp(0.0, 1.0)
+
+    def teacher_step(self, t: torch.Tensor, num_steps: int, generator) -> torch.Tensor:
+        """DDPM, per sample: t_teacher = clamp(t - k, 1, T - 1), k ~ U{0, .., int(T t_max) - 1} (DiT-SRA's
+        rule), and never above t (a student at step 0 keeps its teacher at 0): integer steps <= t."""
+        width = int(num_steps * self.t_max)
+        dev = generator.device if generator is not None else t.device
+        k = (torch.randint(0, width, t.shape, generator=generator, device=dev) if width > 0
+             else torch.zeros(t.shape, dtype=torch.long, device=dev))
+        return torch.minimum((t - k.to(t.device, t.dtype)).clamp(1, num_steps - 1), t)
+
+    def teacher_input(self, out, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_teacher, the time the teacher network is given), from the objective's own forward
+        process at the teacher's less-noisy time, with the student's x and noise."""
+        t, noise = out.get("t"), out.get("noise")
+        if t is None or noise is None:
+            raise ConfigError("SRA composes with a flow-matching (sit, maskdit) or DDPM (dit) objective: this "
+                              "objective reports no t and noise to noise the teacher's input with")
+        g = batch.get("generator")
+        diffusion = out.get("diffusion")
+        if isinstance(diffusion, GaussianDiffusion):  # DDPM: integer steps 0..T-1
+            t_s = self.teacher_step(t, diffusion.num_steps, g)
+            return diffusion.q_sample(batch["x"], t_s, noise), diffusion.model_time(t_s)
+        if not t.is_floating_point():
+            raise ConfigError(f"SRA: the objective's t is {t.dtype} without its diffusion process; SRA's flow "
+                              "rule needs t in [0, 1]")
+        t_s = self.teacher_t(t, g)
+        return interpolate(batch["x"], noise, t_s), t_s
 
     @torch.no_grad()
     def target(self, out, batch) -> torch.Tensor:
         if self.teacher is None:
             raise ConfigError("SRA has no teacher: run it in the trainer (its EMA) or pass teacher=")
-        t_s = self.teacher_t(out["t"], batch.get("generator"))
-        x_t = interpolate(batch["x"], out["noise"], t_s)
+        x_t, t_s = self.teacher_input(out, batch)
         drop = (out.get("options") or {}).get("force_drop_ids")
         was = self.teacher.training
         self.teacher.eval()
