@@ -4,13 +4,14 @@ import torch
 from effkernels.models import sample as sample_mod
 from effkernels.models import train as train_mod
 from effkernels.models.data import ArrayDataset
+import pytest
 from effkernels.models.presets import PRESETS, Preset, apply_preset
 
 SMALL = '{"depth": 2, "hidden_size": 32, "num_heads": 2}'
 
 
 def test_presets_set_the_papers_training_defaults(capsys):
-    a = train_mod.parse_args(["--preset", "repa", "--out", "o"])
+    a = train_mod.parse_args(["--preset", "repa", "--out", "o", "--repa-encoder", "dinov2-vitb14:/w.pth"])
     assert (a.lr, a.warmup, a.batch_size, a.ema, a.ema_no_warmup, a.grad_clip, a.shuffle, a.method) == \
         (1e-4, 0, 256, 0.9999, True, 1.0, "epoch", "repa")
     assert "preset repa (REPA" in capsys.readouterr().out
@@ -74,3 +75,50 @@ def test_a_preset_run_trains_on_digits(tmp_path, capsys):
                            "--batch-size", "16", "--eval-every", "0", "--ckpt-every", "0", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "preset sit" in out and '"step": 2' in out
+
+
+def test_every_method_has_a_paper_preset_printed_at_start(capsys):
+    from effkernels.models.methods import METHODS
+
+    assert set(METHODS) <= set(PRESETS)
+    need = {"repa": ["--repa-encoder", "dinov2-vitb14:/w.pth"], "erw": ["--repa-encoder", "dinov2-vitb14:/w.pth"],
+            "ct": ["--lpips-vgg", "/vgg.pth"], "act": ["--lpips-vgg", "/vgg.pth"]}
+    for name, preset in PRESETS.items():
+        a = train_mod.parse_args(["--preset", name, "--out", "o", *need.get(name, [])])
+        assert a.method == (preset.method or "sit") and a.lr == preset.lr and a.ema == preset.ema
+        assert a.ema_no_warmup  # every paper's EMA decays at its rate from step 0
+        for dest, value in preset.options:
+            assert getattr(a, dest) == value, (name, dest)
+        assert f"preset {name} (" in capsys.readouterr().out
+    sra = train_mod.parse_args(["--preset", "sra", "--out", "o"])
+    assert (sra.ema, sra.ema_no_warmup) == (0.9999, True)  # SRA's teacher EMA
+    act = train_mod.parse_args(["--preset", "act", "--out", "o", "--lpips-vgg", "/vgg.pth"])
+    assert (act.lr, act.act_d_lr, act.batch_size, act.ct_s1, act.ct_mu0, act.act_lambda_schedule) == \
+        (5e-5, 5e-5, 640, 200, 0.95, "t-weighted")
+    md = train_mod.parse_args(["--preset", "maskdit", "--out", "o"])
+    assert (md.batch_size, md.mask_ratio, md.mae_weight, md.hflip) == (1024, 0.5, 0.1, True)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--preset", "repa"], "--preset repa needs --repa-encoder"),
+    (["--preset", "erw"], "--preset erw needs --repa-encoder"),
+    (["--preset", "ct"], "--preset ct needs --lpips-vgg"),
+    (["--preset", "act"], "--preset act needs --lpips-vgg"),
+])
+def test_a_preset_without_its_pretrained_file_is_an_error(argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_mod.parse_args(argv + ["--out", "o"])
+    assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_a_requirement_lapses_when_a_flag_changes_what_needs_it():
+    a = train_mod.parse_args(["--preset", "ct", "--ct-distance", "pseudo_huber", "--out", "o"])
+    assert a.ct_distance == "pseudo_huber" and a.lpips_vgg is None
+    a = train_mod.parse_args(["--preset", "repa", "--method", "sit", "--out", "o"])
+    assert a.method == "sit"
+
+
+def test_the_consistency_presets_sample_in_one_step():
+    p = sample_mod.build_parser()
+    _, installed = apply_preset(p, ["--preset", "act"], kind="sample")
+    assert installed["steps"] == 1

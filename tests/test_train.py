@@ -164,6 +164,8 @@ def test_two_process_gloo_equals_one_process_on_combined_batch(tmp_path, seed):
     (["--batch-size", "x"], "invalid int"),
     (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object"),
     (["--resume", "/no/such.pt"], "/no/such.pt"),
+    (["--model-kwargs", '{"depthh": 3}'], "--model-kwargs: unknown backbone option(s) ['depthh']"),
+    (["--out", __file__], "is an existing file, not a folder"),
 ])
 def test_bad_cli_args_are_argparse_errors(argv, match, capsys):
     with pytest.raises(SystemExit) as e:

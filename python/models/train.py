@@ -402,9 +402,14 @@ class Trainer:
         bar = Progress(self.step, a.steps, enabled=main and not a.quiet, every=a.log_every)
         if main and resume:
             bar.write(f"resumed from {resume} at step {self.step}")
+        want = self.method.teacher_ema
+        if main and want is not None and (a.ema != want or not a.ema_no_warmup):
+            print(f"note: --method {a.method} uses the EMA as its teacher; its paper's is {want} from step 0 "
+                      f"(--ema {want} --ema-no-warmup, or --preset); this run: --ema {a.ema}"
+                      f"{'' if a.ema_no_warmup else ' with warm-up'}", flush=True)
         if main and self.opt_settings["betas"] != (0.9, 0.999):
             src = "--adam-betas" if getattr(a, "adam_betas", None) is not None else f"--method {a.method}"
-            bar.write(f"generator optimizer: AdamW betas {self.opt_settings['betas']} ({src})")
+            print(f"generator optimizer: AdamW betas {self.opt_settings['betas']} ({src})", flush=True)
         final = {}
 
         def do_eval():

@@ -52,6 +52,9 @@ Hooks
                                     them in `batch` under these names
   find_unused_parameters            some trainable parameters get no gradient on some steps (tells
                                     DistributedDataParallel to look for them)
+  teacher_ema                       the decay the method's paper gives the trainer's EMA when the EMA is
+                                    part of the method (SRA's teacher: 0.9999 from step 0); the trainer
+                                    says so at start when --ema / --ema-no-warmup differ. None: no claim
 
 `batch` is dict(x=(B, C, H, W), y=(B,), generator=torch.Generator seeded by (seed, step, rank), and
 the batch_keys arrays); tests may add t and noise to fix the draws.
@@ -103,6 +106,7 @@ class Method:
     batch_keys: tuple[str, ...] = ()
     find_unused_parameters: bool = False
     takes_packed_hidden: bool = False
+    teacher_ema: float | None = None
 
     def __init__(self, model: nn.Module | None = None, args=None):
         self.flow = FlowMatching()
@@ -243,6 +247,7 @@ class Composite(Method):
                 raise ConfigError(f"generator module {g!r} is not among the method's modules {sorted(self._modules)}")
         self.batch_keys = tuple(dict.fromkeys(k for _, p in self.parts for k in p.batch_keys))
         self.find_unused_parameters = any(p.find_unused_parameters for _, p in self.parts)
+        self.teacher_ema = next((p.teacher_ema for _, p in self.parts if p.teacher_ema is not None), None)
         self.token_plan = self._plan
 
     def _token_planner(self):
