@@ -79,7 +79,7 @@ def test_fresh_decoder_outputs_zero_and_mask_token_gets_gradient(seed):
 
 def test_losses_average_over_the_right_token_sets(seed):
     """Hand-computed with loops: the flow loss over kept tokens, 0.1 x MAE over masked ones
-    against the per-patch-normalised noisy input."""
+    against the per-patch-normalised noisy input (unbiased variance, eps 1e-6, as the release)."""
     model = build("tiny/2", **SMALL).train()
     m = MaskDiT(model, _args())
     _randomize(model, m.decoder)
@@ -101,7 +101,7 @@ def test_losses_average_over_the_right_token_sets(seed):
                 f_b += ((pp - vv) ** 2).mean().item()
                 n_k += 1
             else:
-                mu, var = xx.mean(), ((xx - xx.mean()) ** 2).mean()
+                mu, var = xx.mean(), ((xx - xx.mean()) ** 2).sum() / (xx.numel() - 1)  # unbiased
                 m_b += ((pp - (xx - mu) / (var + 1e-6).sqrt()) ** 2).mean().item()
                 n_m += 1
         assert n_k == 8 and n_m == 8
@@ -112,10 +112,46 @@ def test_losses_average_over_the_right_token_sets(seed):
     assert out["loss"].item() == pytest.approx(flow + 0.1 * mae, rel=1e-5)
 
 
-def test_patch_normalize():
+def test_patch_normalize(seed):
+    """The release's MAE target: (p - mean) / sqrt(var + 1e-6), var unbiased (divisor P - 1)."""
+    print(f"seed={seed}")
     p = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
     z = patch_normalize(p)
-    assert z.mean().abs() < 1e-6 and (z.pow(2).mean() - 1).abs() < 1e-5
+    # mean 3, unbiased variance (4 + 1 + 0 + 9) / 3 = 14 / 3
+    want = torch.tensor([[-2.0, -1.0, 0.0, 3.0]]) / (14 / 3 + 1e-6) ** 0.5
+    torch.testing.assert_close(z, want, rtol=1e-6, atol=1e-7)
+    assert z.mean().abs() < 1e-6 and (z.pow(2).sum() / 3 - 1).abs() < 1e-5
+    q = torch.randn(3, 5, 12, dtype=torch.float64)
+    for b in range(3):
+        for n in range(5):
+            v = q[b, n].tolist()
+            mu = sum(v) / 12
+            var = sum((a - mu) ** 2 for a in v) / 11
+            got = patch_normalize(q)[b, n].tolist()
+            assert got == pytest.approx([(a - mu) / (var + 1e-6) ** 0.5 for a in v], rel=1e-12, abs=1e-12)
+
+
+def test_decoder_blocks_start_xavier_with_zero_biases_then_adaln_zero(seed):
+    """As the release's initialize_weights (and our backbone): every Linear of a decoder block
+    xavier-uniform with a zero bias, then the modulation's last Linear (shifts, scales, gates) zero."""
+    print(f"seed={seed}")
+    torch.manual_seed(seed)
+    m = MaskDiT(build("tiny/2", depth=3, hidden_size=48, num_heads=2), _args(decoder_depth=2))
+    for blk in m.decoder.blocks:
+        lins = [mod for mod in blk.modules() if isinstance(mod, torch.nn.Linear)]
+        assert len(lins) >= 5  # qkv, proj, fc1, fc2, adaLN
+        for lin in lins:
+            if lin is blk.adaLN_modulation[-1]:
+                assert torch.count_nonzero(lin.weight) == 0 and torch.count_nonzero(lin.bias) == 0
+                continue
+            assert lin.bias is None or torch.count_nonzero(lin.bias) == 0
+            fan_out, fan_in = lin.weight.shape
+            bound, w = (6.0 / (fan_in + fan_out)) ** 0.5, lin.weight.detach()
+            assert float(w.abs().max()) <= bound
+            assert float(w.std()) == pytest.approx(bound / 3 ** 0.5, rel=0.1)
+    x, c = torch.randn(2, 16, 48), torch.randn(2, 48)
+    blk = m.decoder.blocks[0]
+    torch.testing.assert_close(blk(x, c), x, rtol=0, atol=0)  # adaLN-Zero: the identity at init
 
 
 def test_unmasked_stage_and_generator_use_all_tokens(seed):

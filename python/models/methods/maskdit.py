@@ -1,16 +1,18 @@
 """MaskDiT: an encoder on the unmasked patches only, a light decoder on all of them, an MAE loss on
-the masked ones (shared/METHODS.md, "MaskDiT").
+the masked ones.
 
 Per sample exactly K = int(N (1 - ratio)) tokens are kept (positions added before masking). The
 backbone runs all its blocks on those K tokens (keep_idx) and stops before its own final layer; a
 zero-initialised bridge (LayerNorm + adaLN shift/scale + Linear D -> D_dec) maps them to the
 decoder's width, a learned mask token fills the N - K masked positions, fixed sin-cos positions are
 added, the decoder's adaLN-Zero blocks (effkernels.nn.DiTBlock conditioned on the backbone's c) run
-on all N tokens, and the decoder's final layer predicts every patch.
+on all N tokens, and the decoder's final layer predicts every patch. The decoder blocks start as the
+release initialises them (and as the backbone's blocks): xavier-uniform Linear weights, zero biases,
+then the adaLN modulation's last Linear (shifts, scales and gates) zeroed.
 
 Loss: the flow objective averaged over the KEPT tokens only, plus mae_weight (0.1) x the MSE over
-the MASKED tokens against the noisy input x_t, normalised per patch (mean and variance over the
-patch's values, eps 1e-6), unweighted. The paper trains with EDM; on our SiT ground the denoising
+the MASKED tokens against the noisy input x_t, normalised per patch (mean and UNBIASED variance
+over the patch's values, eps 1e-6, as the release's torch.var), unweighted. The paper trains with EDM; on our SiT ground the denoising
 part is the flow loss and the MAE term stays as specified. The unmasked fine-tune stage is this
 method resumed with --mask-ratio 0 (the decoder then sees no mask tokens, no MAE term). The
 decoder is part of the generator: EMA-averaged and used by sampling, which runs unmasked.
@@ -77,7 +79,13 @@ class MaskDecoder(nn.Module):
         self.register_buffer("pos_embed", get_2d_sincos_pos_embed(width, backbone.x_embedder.grid_size).unsqueeze(0))
         self.blocks = nn.ModuleList([DiTBlock(width, num_heads, mlp_ratio, cond_dim=d, backend=backbone.backend)
                                      for _ in range(depth)])
-        for blk in self.blocks:  # adaLN-Zero: every decoder block starts as the identity
+        for blk in self.blocks:
+            for lin in blk.modules():  # every Linear: xavier-uniform weight, zero bias
+                if isinstance(lin, nn.Linear):
+                    nn.init.xavier_uniform_(lin.weight)
+                    if lin.bias is not None:
+                        nn.init.zeros_(lin.bias)
+            # adaLN-Zero: shifts, scales and gates start at 0, so every decoder block is the identity
             nn.init.zeros_(blk.adaLN_modulation[-1].weight)
             nn.init.zeros_(blk.adaLN_modulation[-1].bias)
         self.final = AdaLNLinear(width, p * p * backbone.out_channels, d)
@@ -125,9 +133,10 @@ def generate(model, backbone, decoder, x_t, t, y, keep_idx=None, force_drop_ids=
 
 
 def patch_normalize(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(..., P) patches -> zero mean, unit variance over each patch's P values (MAE's target)."""
+    """(..., P) patches -> (p - mean) / sqrt(var + eps) over each patch's P values, var the unbiased
+    sample variance (divisor P - 1, torch.var's default, as the release's MAE target)."""
     mean = p.mean(-1, keepdim=True)
-    var = p.var(-1, unbiased=False, keepdim=True)
+    var = p.var(-1, keepdim=True)
     return (p - mean) / (var + eps).sqrt()
 
 
