@@ -14,12 +14,18 @@ Kernel backend primitives (effkernels._triton.adaln, effkernels._ext.adaln); sta
   fused_fwd(x, y, gate, shift, scale, weight, bias, eps) -> (h, out, mean, rstd)
   fused_bwd(dh, dout, h, y, gate, shift, scale, weight, bias, mean, rstd)
       -> (dx, dy, dgate, dshift, dscale, dweight, dbias)
+
+Forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad): all three ops, on every
+backend. The reference backend is plain torch; the kernel backends run the same kernel forward
+with the analytic tangent of reference.jvp (statistics in float32) through ops._forward_ad.rule.
 """
 from __future__ import annotations
 
 import torch
 
 from ..reference import adaln as ref
+from ..reference import jvp as ref_jvp
+from . import _forward_ad as fad
 from ._common import check_eps, check_last_dim_contiguous, check_same, check_tensor, kernel_module, pick
 
 
@@ -113,11 +119,18 @@ def _ln_setup(ctx, inputs, output):
 
 def _ln_bwd(ctx, dout, _dmean, _drstd):
     x, shift, scale, weight, bias, mean, rstd = ctx.saved_tensors
+    fad.forbid_tangents("modulate_layernorm (its backward)", dout, x, shift, scale, weight, bias)
     dx, dshift, dscale, dw, db = _ln_bwd_op(dout, x, shift, scale, weight, bias, mean, rstd, ctx.backend)
     return dx, dshift, dscale, _none_if_empty(dw), _none_if_empty(db), None, None
 
 
 _ln_op.register_autograd(_ln_bwd, setup_context=_ln_setup)
+
+_ln_rule = fad.rule(
+    "modulate_layernorm", _ln_op, outputs=1,
+    jvp=lambda a, out, d: ref_jvp.modulate_layernorm_jvp(*a[:3], a[5], a[3], a[4], *d[:5]),  # eps before weight
+    reference=lambda x, shift, scale, weight, bias, eps, backend: ref.modulate_layernorm(
+        x, shift, scale, eps, weight, bias))
 
 
 def modulate_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
@@ -128,6 +141,8 @@ def modulate_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     b = pick("modulate_layernorm", x.device, backend)
     if b == "reference":
         return ref.modulate_layernorm(x, shift, scale, eps, weight, bias)
+    if fad.active():
+        return _ln_rule.apply(x, shift, scale, weight, bias, eps, b)[0]
     return _ln_op(x, shift, scale, weight, bias, eps, b)[0]
 
 
@@ -163,11 +178,16 @@ def _gr_setup(ctx, inputs, output):
 
 def _gr_bwd(ctx, dout):
     y, gate = ctx.saved_tensors
+    fad.forbid_tangents("gated_residual (its backward)", dout, y, gate)
     dy, dgate = _gr_bwd_op(dout, y, gate, ctx.backend)
     return dout, dy, dgate, None
 
 
 _gr_op.register_autograd(_gr_bwd, setup_context=_gr_setup)
+
+_gr_rule = fad.rule("gated_residual", _gr_op, outputs=1,
+                    jvp=lambda a, out, d: ref_jvp.gated_residual_jvp(*a[:3], *d[:3]),
+                    reference=lambda x, y, gate, backend: ref.gated_residual(x, y, gate))
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *,
@@ -177,6 +197,8 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *,
     b = pick("gated_residual", x.device, backend)
     if b == "reference":
         return ref.gated_residual(x, y, gate)
+    if fad.active():
+        return _gr_rule.apply(x, y, gate, b)
     return _gr_op(x, y, gate, b)
 
 
@@ -225,6 +247,8 @@ def _fused_setup(ctx, inputs, output):
 
 def _fused_bwd(ctx, dh, dout, _dmean, _drstd):
     h, y, gate, shift, scale, weight, bias, mean, rstd = ctx.saved_tensors
+    fad.forbid_tangents("gated_residual_modulate_layernorm (its backward)", dh, dout, h, y, gate, shift, scale,
+                        weight, bias)
     dh = torch.zeros_like(h) if dh is None else dh
     dout = torch.zeros_like(h) if dout is None else dout
     dx, dy, dgate, dshift, dscale, dw, db = _fused_bwd_op(
@@ -233,6 +257,13 @@ def _fused_bwd(ctx, dh, dout, _dmean, _drstd):
 
 
 _fused_op.register_autograd(_fused_bwd, setup_context=_fused_setup)
+
+_fused_rule = fad.rule(
+    "gated_residual_modulate_layernorm", _fused_op, outputs=2,
+    jvp=lambda a, out, d: ref_jvp.gated_residual_modulate_layernorm_jvp(*a[:5], a[7], a[5], a[6], *d[:7],
+                                                                         h=out[0]),
+    reference=lambda x, y, gate, shift, scale, weight, bias, eps, backend: ref.gated_residual_modulate_layernorm(
+        x, y, gate, shift, scale, eps, weight, bias))
 
 
 def gated_residual_modulate_layernorm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
@@ -245,5 +276,6 @@ def gated_residual_modulate_layernorm(x: torch.Tensor, y: torch.Tensor, gate: to
     b = pick("gated_residual_modulate_layernorm", x.device, backend)
     if b == "reference":
         return ref.gated_residual_modulate_layernorm(x, y, gate, shift, scale, eps, weight, bias)
-    h, out, _, _ = _fused_op(x, y, gate, shift, scale, weight, bias, eps, b)
+    op = _fused_rule.apply if fad.active() else _fused_op
+    h, out, _, _ = op(x, y, gate, shift, scale, weight, bias, eps, b)
     return h, out

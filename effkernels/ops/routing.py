@@ -12,12 +12,18 @@ Kernel backend primitives (effkernels._triton.routing, effkernels._ext.routing):
   gather(x, idx, out=None) -> (B, K, D)
   scatter(x, x_sub, idx, num_tokens, out=None) -> (B, N, D); x None means zeros, x_sub None means
       zero rows. x, x_sub contiguous; idx contiguous int32/int64.
+
+Forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad): route_gather, route_scatter
+and segment_expand, on every backend. They are linear in the rows they move, so the tangent is the
+same movement of the tangents (reference math; the kernel backends keep their kernel forward
+through ops._forward_ad.rule). draw_route, complement and inverse return indices: no tangent.
 """
 from __future__ import annotations
 
 import torch
 
 from ..reference import routing as ref
+from . import _forward_ad as fad
 from ._common import check_same, check_tensor, data_checks_enabled, kernel_module, pick
 
 complement = ref.complement
@@ -134,6 +140,7 @@ def _gather_setup(ctx, inputs, output):
 
 def _gather_bwd(ctx, grad):
     (idx,) = ctx.saved_tensors
+    fad.forbid_tangents("route_gather (its backward)", grad)
     return _scatter_op(None, grad, idx, ctx.num_tokens, ctx.backend), None, None
 
 
@@ -149,6 +156,7 @@ def _scatter_setup(ctx, inputs, output):
 def _scatter_bwd(ctx, grad):
     # A None input (zeros) gets no gradient: autograd rejects one for a non-tensor input.
     (idx,) = ctx.saved_tensors
+    fad.forbid_tangents("route_scatter (its backward)", grad)
     need_x, need_sub = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     d_sub = _gather_op(grad, idx, ctx.backend) if need_sub else None
     dx = _scatter_op(grad, None, idx, ctx.num_tokens, ctx.backend) if need_x else None
@@ -156,6 +164,22 @@ def _scatter_bwd(ctx, grad):
 
 
 _scatter_op.register_autograd(_scatter_bwd, setup_context=_scatter_setup)
+
+
+def _scatter_ref(x, x_sub, idx, num_tokens, backend):
+    """The registered scatter's semantics in plain torch (x None: zeros; x_sub None: zero rows)."""
+    if x is None:
+        like = x_sub
+        x = like.new_zeros(idx.shape[0], num_tokens, like.shape[2])
+    return ref.route_scatter(x, x_sub, idx)
+
+
+_gather_rule = fad.rule("route_gather", _gather_op,
+                        jvp=lambda a, out, d: ref.route_gather(d[0], a[1]),
+                        reference=lambda x, idx, backend: ref.route_gather(x, idx))
+_scatter_rule = fad.rule("route_scatter", _scatter_op,
+                         jvp=lambda a, out, d: _scatter_ref(d[0], d[1], *a[2:]),
+                         reference=_scatter_ref)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +198,7 @@ def route_gather(x: torch.Tensor, idx: torch.Tensor, *, backend: str | None = No
     b = pick("route_gather", x.device, backend)
     if b == "reference":
         return ref.route_gather(x, idx)
-    return _gather_op(x, idx, b)
+    return (_gather_rule.apply if fad.active() else _gather_op)(x, idx, b)
 
 
 def route_scatter(x: torch.Tensor, x_sub: torch.Tensor, idx: torch.Tensor, *,
@@ -188,7 +212,7 @@ def route_scatter(x: torch.Tensor, x_sub: torch.Tensor, idx: torch.Tensor, *,
     b = pick("route_scatter", x.device, backend)
     if b == "reference":
         return ref.route_scatter(x, x_sub, idx)
-    return _scatter_op(x, x_sub, idx, x.shape[1], b)
+    return (_scatter_rule.apply if fad.active() else _scatter_op)(x, x_sub, idx, x.shape[1], b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +235,31 @@ class _SegmentExpand(torch.autograd.Function):
         return ref.segment_sum(grad, cu_seqlens, ctx.max_seqlen), None, None, None
 
 
+class _SegmentExpandJvp(torch.autograd.Function):
+    """_SegmentExpand with a forward-mode rule, used while forward AD is open (dynamo cannot trace
+    a Function with a jvp, so the plain path keeps the one above): the tangent is the tangent's
+    rows index_select-ed the same way; the backward is _SegmentExpand's."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(v, segment_ids, cu_seqlens, max_seqlen):
+        return ref.segment_expand(v, segment_ids)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, segment_ids, cu_seqlens, max_seqlen = inputs
+        ctx.save_for_backward(cu_seqlens)
+        ctx.save_for_forward(segment_ids)
+        ctx.max_seqlen = max_seqlen
+
+    @staticmethod
+    def jvp(ctx, dv, *_):
+        (segment_ids,) = ctx.saved_tensors
+        return ref.segment_expand(dv, segment_ids)
+
+    backward = staticmethod(_SegmentExpand.backward)
+
+
 def segment_expand(v: torch.Tensor, segment_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                    max_seqlen: int) -> torch.Tensor:
     """Per-sample rows v (S, C) to per packed row (T, C): row t takes v[segment_ids[t]].
@@ -231,4 +280,5 @@ def segment_expand(v: torch.Tensor, segment_ids: torch.Tensor, cu_seqlens: torch
         raise ValueError(f"cu_seqlens must have S + 1 = {v.shape[0] + 1} entries for v's {v.shape[0]} rows, "
                          f"got {cu_seqlens.numel()}")
     max_seqlen = _count("max_seqlen", max_seqlen, 1 if segment_ids.numel() else 0)
-    return _SegmentExpand.apply(v, segment_ids, cu_seqlens, max_seqlen)
+    fn = _SegmentExpandJvp if fad.active() else _SegmentExpand
+    return fn.apply(v, segment_ids, cu_seqlens, max_seqlen)
