@@ -11,6 +11,7 @@ from effkernels.models.backbone import Route, build
 from effkernels.models.checkpoint import load_checkpoint
 from effkernels.models.methods import ConfigError, build_method
 from effkernels.models.methods.tread import TREAD, SparseGuided, default_routes
+from effkernels.models import sample as sample_mod
 
 SMALL = dict(depth=6, hidden_size=32, num_heads=2)
 
@@ -137,19 +138,95 @@ def test_routing_cuts_the_step_flops(seed):
 
 
 def test_trains_through_the_cli_then_fine_tunes_dense(tmp_path, capsys):
+    # an explicit per-route ratio: the dense fine-tune below must still turn it off
     common = ["--method", "tread", "--model-kwargs", '{"depth": 6, "hidden_size": 32, "num_heads": 2}',
-              "--batch-size", "16", "--eval-every", "0", "--quiet", "--log-every", "5", "--lr", "3e-3"]
+              "--batch-size", "16", "--eval-every", "0", "--quiet", "--log-every", "5", "--lr", "3e-3",
+              "--route", "2:4:0.5"]
     assert train_mod.main(["--out", str(tmp_path / "r"), "--steps", "30", *common]) == 0
     rows = train_mod.MetricsLog.read(str(tmp_path / "r" / "metrics.jsonl"))
     assert rows[-1]["loss"] < rows[0]["loss"]
+    out, ckpt = str(tmp_path / "s"), str(tmp_path / "r" / "last.pt")
+    # sparse guidance with the rates given at sampling; a bad rate names its flag
+    assert sample_mod.main(["--ckpt", ckpt, "--out", out, "--num", "4", "--steps", "2", "--sparse-guidance", "1.5",
+                            "--sparse-guidance-strong", "0.25", "--sparse-guidance-weak", "0.5"]) == 0
+    capsys.readouterr()
+    assert sample_mod.main(["--ckpt", ckpt, "--out", out, "--num", "4", "--steps", "2", "--sparse-guidance", "1.5",
+                            "--sparse-guidance-weak", "1.0"]) == 2
+    assert "--sparse-guidance-weak must lie in [0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample_mod.main(["--ckpt", ckpt, "--out", out, "--num", "4", "--sparse-guidance-strong", "0.2"])
+    assert "go with --sparse-guidance" in capsys.readouterr().err
     # the dense fine-tune: the same method resumed with routing off
+    tr = train_mod.Trainer(train_mod.parse_args(["--out", str(tmp_path / "probe"), "--steps", "1", "--route-ratio",
+                                                 "0", *common]))
+    assert tr.method.parts[0][1].routes == []
     assert train_mod.main(["--out", str(tmp_path / "r"), "--steps", "32", "--resume", "auto", "--route-ratio", "0",
                            *common]) == 0
     assert load_checkpoint(str(tmp_path / "r" / "last.pt"))["step"] == 32
-    from effkernels.models import sample as sample_mod
 
-    out = str(tmp_path / "s")
     assert sample_mod.main(["--ckpt", str(tmp_path / "r" / "last.pt"), "--out", out, "--num", "4", "--steps", "2",
                             "--sparse-guidance", "1.5"]) == 2  # the fine-tuned run has no routes left
     assert "sparse guidance needs routes" in capsys.readouterr().err
     assert sample_mod.main(["--ckpt", str(tmp_path / "r" / "last.pt"), "--out", out, "--num", "4", "--steps", "2"]) == 0
+
+
+def test_route_help_says_blocks_are_1_based_and_inclusive():
+    p = argparse.ArgumentParser()
+    TREAD.add_args(p)
+    helps = {a.dest: a.help for a in p._actions}
+    assert "1-based" in helps["route"] and "inclusive" in helps["route"]
+    assert "0-based 2:8 is our 3:9" in helps["route"]
+
+
+def test_route_ratio_zero_is_dense_whatever_the_routes_say(seed):
+    """The dense fine-tune (--route-ratio 0) runs no route, explicit per-route ratios included; the
+    specs are still checked; a ratio range with it is a contradiction."""
+    print(f"seed={seed}")
+    model = build("tiny/2", **SMALL).train()
+    m = TREAD(model, _args(route_ratio=0.0, route=["1:2:0.5", "4:5:0.25"]))
+    assert m.routes == [] and m.forward_options(model, _batch(seed), 0) == {}
+    dense = _step_flops(model, build_method("sit", model, None), seed)
+    assert _step_flops(model, build_method("tread", model, _args(route_ratio=0.0, route=["2:5:0.5"])), seed) == dense
+    assert TREAD(model, _args(route=["1:2:0.5", "4:5"])).routes == [Route(1, 2, 0.5), Route(4, 5, 0.5)]
+    with pytest.raises(ConfigError, match="ends after the last block"):
+        TREAD(model, _args(route_ratio=0.0, route=["1:7:0.5"]))
+    with pytest.raises(ConfigError, match="--route-ratio 0 .* contradicts --route-ratio-range"):
+        TREAD(model, _args(route_ratio=0.0, route_ratio_range="0.2:0.6"))
+
+
+def test_sparse_guidance_rates_are_options(seed):
+    """--sparse-guidance-strong/--sparse-guidance-weak set the two forced rates (training options kept
+    in the checkpoint, overridable at sampling), each checked to lie in [0, 1), errors naming the flag."""
+    print(f"seed={seed}")
+    model = build("tiny/2", **SMALL).eval()
+    seen = []
+    orig = model.forward
+
+    def spy(x, t, y, **kw):
+        seen.append([r.ratio for r in kw["routes"]])
+        return orig(x, t, y, **kw)
+
+    model.forward = spy
+    y, noise = torch.arange(2), torch.randn(2, 1, 8, 8)
+    m = TREAD(model, _args(route=["2:4"], sparse_guidance_strong=0.2, sparse_guidance_weak=0.6))
+    m.sample({"backbone": model}, y, noise, steps=1, sampler="euler", sparse_guidance=1.5)
+    assert seen and all(r in ([0.2], [0.6]) for r in seen) and [0.2] in seen and [0.6] in seen
+    seen.clear()
+    m.sample({"backbone": model}, y, noise, steps=1, sampler="euler", sparse_guidance=1.5,
+             sparse_guidance_strong=0.0, sparse_guidance_weak=0.5)
+    assert [0.0] in seen and [0.5] in seen and all(r in ([0.0], [0.5]) for r in seen)
+    seen.clear()
+    TREAD(model, _args(route=["2:4"])).sample({"backbone": model}, y, noise, steps=1, sampler="euler",
+                                              sparse_guidance=1.5)
+    assert [0.3] in seen and [0.7] in seen  # the paper's rates by default
+    for kw, flag in ((dict(sparse_guidance_strong=1.0), "--sparse-guidance-strong"),
+                     (dict(sparse_guidance_weak=-0.1), "--sparse-guidance-weak"),
+                     (dict(sparse_guidance_weak=0.99), "--sparse-guidance-weak")):  # 0.99 of 16: none left
+        with pytest.raises(ConfigError, match=flag):
+            TREAD(model, _args(route=["2:4"], **kw))
+    with pytest.raises(ConfigError, match="--sparse-guidance-strong must lie in"):
+        m.sample({"backbone": model}, y, noise, steps=1, sparse_guidance=1.5, sparse_guidance_strong=1.5)
+    with pytest.raises(ConfigError, match="go with --sparse-guidance"):
+        m.sample({"backbone": model}, y, noise, steps=1, sparse_guidance_weak=0.5)
+    with pytest.raises(ConfigError, match="--sparse-guidance-weak"):
+        SparseGuided(model, [Route(2, 4, 0.5)], weak=1.0)

@@ -301,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-high", type=float, default=1.0)
     p.add_argument("--sparse-guidance", type=float, default=None, metavar="S",
                    help="TREAD checkpoints: sparse guidance v_weak + S (v_strong - v_weak) (the paper: 1.5)")
+    p.add_argument("--sparse-guidance-strong", type=float, default=None, metavar="RATE",
+                   help="with --sparse-guidance: the strong branch's forced routing rate in [0, 1) (default: the "
+                        "checkpoint's --sparse-guidance-strong, 0.3)")
+    p.add_argument("--sparse-guidance-weak", type=float, default=None, metavar="RATE",
+                   help="with --sparse-guidance: the weak branch's forced routing rate in [0, 1) (default: the "
+                        "checkpoint's --sparse-guidance-weak, 0.7)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
@@ -378,6 +384,11 @@ def main(argv=None) -> int:
         if "tread" not in meta.get("method", "").split("+"):
             p.error(f"--sparse-guidance needs a TREAD checkpoint; {args.ckpt!r} was trained with {meta.get('method')!r}")
         extra["sparse_guidance"] = args.sparse_guidance
+        for k in ("sparse_guidance_strong", "sparse_guidance_weak"):
+            if getattr(args, k) is not None:
+                extra[k] = getattr(args, k)  # the method checks the rate
+    elif args.sparse_guidance_strong is not None or args.sparse_guidance_weak is not None:
+        p.error("--sparse-guidance-strong/--sparse-guidance-weak go with --sparse-guidance")
     models = {k: m.to(args.device).eval() for k, m in models.items()}
     model = models["backbone"]
     gen = torch.Generator(device="cpu").manual_seed(args.seed)

@@ -1,11 +1,13 @@
-"""TREAD: token routing (shared/METHODS.md, "TREAD").
+"""TREAD: token routing.
 
 Per sample a random fraction `ratio` of the tokens is routed around blocks start..end and re-enters
 unchanged after `end`; the processed rest run those blocks. The loss is SiT's flow objective on all
 tokens. Routes are drawn here, before the backbone's forward (one draw per route from the step's
 generator), so a compiled backbone sees plain index tensors. Routing is on in training only:
-evaluation and sampling run dense unless --route-eval forces it. The paper's dense fine-tune stage
-is this method resumed with --route-ratio 0 (no routes).
+evaluation and sampling run dense unless --route-eval forces it. Blocks are numbered 1..depth and a
+route START:END runs blocks START..END inclusive (the release's 0-based 2:8 is our 3:9). The
+paper's dense fine-tune stage is this method resumed with --route-ratio 0: no routing at all, the
+ratios given in --route START:END:RATIO included (the routes are still checked against the model).
 
 Per-sample budgets (beyond the paper): --route-ratio-range A:B draws every route's ratio per sample,
 uniform in [A, B], so samples process different token counts; the processed tokens are packed
@@ -14,8 +16,9 @@ without padding (effkernels.nn.routing.TokenPack) and the routed blocks run on t
 every sample, each sample weighted 1/B as with a fixed ratio.
 
 Sparse guidance (optional, at sampling): two conditional forwards with forced routing rates, strong
-0.3 and weak 0.7 over the same blocks, combined v = v_weak + s (v_strong - v_weak), s = 1.5 (the
-follow-up paper's definition; the released code's unconditional branches are a defect not copied).
+(--sparse-guidance-strong, 0.3) and weak (--sparse-guidance-weak, 0.7) over the same blocks,
+combined v = v_weak + s (v_strong - v_weak), s = 1.5 (the follow-up paper's definition; the released
+code's unconditional branches are a defect not copied). effkernels-sample overrides both rates.
 """
 from __future__ import annotations
 
@@ -57,6 +60,18 @@ def parse_route(spec: str, ratio: float) -> Route:
         raise ConfigError(f"--route {spec!r}: {e}") from None
 
 
+def check_guidance_rate(flag: str, rate, num_tokens: int | None = None) -> float:
+    """A sparse-guidance routing rate: a number in [0, 1) that leaves a token to process."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        raise ConfigError(f"{flag} must lie in [0, 1), got {rate!r}")
+    if num_tokens is not None:
+        try:
+            keep_count(num_tokens, float(rate))
+        except ValueError as e:
+            raise ConfigError(f"{flag} {rate}: {e}") from None
+    return float(rate)
+
+
 def parse_ratio_range(option: str, spec) -> tuple[float, float] | None:
     """'A:B' -> (A, B) with 0 <= A <= B < 1, or None for None; errors name `option`."""
     if spec is None:
@@ -82,10 +97,12 @@ class TREAD(Method):
     def add_args(group) -> None:
         group.add_argument("--route-ratio", type=float, default=0.5,
                            help="fraction of tokens routed around the blocks (tread); without --route they are "
-                                "blocks 3..depth-3, the paper's placement; 0 = dense (the fine-tune stage)")
+                                "blocks 3..depth-3, the paper's placement; 0 = dense (the fine-tune stage): no "
+                                "route runs, whatever RATIO a --route gives")
         group.add_argument("--route", action="append", default=None, metavar="START:END[:RATIO]",
-                           help="route blocks START..END (1-based, inclusive) at RATIO (default --route-ratio); "
-                                "repeatable, sorted and non-overlapping, each drawn independently")
+                           help="route blocks START..END at RATIO (default --route-ratio); blocks are 1-based and "
+                                "START..END inclusive (the TREAD release's 0-based 2:8 is our 3:9); repeatable, "
+                                "sorted and non-overlapping, each drawn independently")
         group.add_argument("--route-ratio-range", default=None, metavar="A:B",
                            help="per-sample budgets: every route draws each sample's ratio uniformly in [A, B] "
                                 "(0 <= A <= B < 1) instead of --route-ratio, so samples keep different token "
@@ -95,15 +112,25 @@ class TREAD(Method):
                                 "whose blocks care about order)")
         group.add_argument("--route-eval", action="store_true",
                            help="route during evaluation and sampling too (default: dense)")
+        group.add_argument("--sparse-guidance-strong", type=float, default=0.3, metavar="RATE",
+                           help="sparse guidance (effkernels-sample --sparse-guidance): the routing rate forced on "
+                                "the strong branch, in [0, 1) (the paper: 0.3)")
+        group.add_argument("--sparse-guidance-weak", type=float, default=0.7, metavar="RATE",
+                           help="sparse guidance: the routing rate forced on the weak branch, in [0, 1) (the "
+                                "paper: 0.7)")
 
     def __init__(self, model=None, args=None):
         super().__init__(model, args)
         ratio = float(getattr(args, "route_ratio", 0.5))
         if not 0.0 <= ratio < 1.0:
             raise ConfigError(f"--route-ratio must lie in [0, 1), got {ratio}")
+        dense = ratio == 0.0  # the dense fine-tune: no route runs, whatever the specs' own ratios
         specs = getattr(args, "route", None)
         depth = model.depth if model is not None else None
         self.ratio_range = parse_ratio_range("--route-ratio-range", getattr(args, "route_ratio_range", None))
+        if self.ratio_range is not None and dense:
+            raise ConfigError("--route-ratio 0 (dense, no routing) contradicts --route-ratio-range "
+                              f"{self.ratio_range[0]}:{self.ratio_range[1]}: give one of them")
         if self.ratio_range is not None:
             # The routes' ratio is then a label (the range's top); the draw decides each sample's.
             ratio = self.ratio_range[1]
@@ -120,8 +147,12 @@ class TREAD(Method):
                 model._check_plan((), None, self.routes)
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"--route: {e}") from None
-        self.routes = [r for r in self.routes if r.ratio > 0]
+        self.routes = [] if dense else [r for r in self.routes if r.ratio > 0]
         self.num_tokens = model.num_patches if model is not None else None
+        self.sg_strong = check_guidance_rate("--sparse-guidance-strong", getattr(args, "sparse_guidance_strong", 0.3),
+                                             self.num_tokens)
+        self.sg_weak = check_guidance_rate("--sparse-guidance-weak", getattr(args, "sparse_guidance_weak", 0.7),
+                                           self.num_tokens)
         if self.ratio_range is not None and self.num_tokens is not None:
             try:
                 keep_count(self.num_tokens, self.ratio_range[1])
@@ -151,12 +182,21 @@ class TREAD(Method):
         return {"routes": self.draw(batch["x"].shape[0], batch.get("generator"), batch["x"].device)}
 
     @torch.no_grad()
-    def sample(self, models, y, noise, *, sparse_guidance: float | None = None, **opts):
+    def sample(self, models, y, noise, *, sparse_guidance: float | None = None,
+               sparse_guidance_strong: float | None = None, sparse_guidance_weak: float | None = None, **opts):
+        """sparse_guidance: the scale s of sparse guidance (None: off); its strong / weak routing rates
+        default to this run's --sparse-guidance-strong / --sparse-guidance-weak."""
         model = models["backbone"]
+        if sparse_guidance is None and (sparse_guidance_strong is not None or sparse_guidance_weak is not None):
+            raise ConfigError("--sparse-guidance-strong/--sparse-guidance-weak go with --sparse-guidance")
         if sparse_guidance is not None:
             if not self.routes:
-                raise ConfigError("sparse guidance needs routes (this run has --route-ratio 0 and no --route)")
-            model = SparseGuided(model, self.routes, sparse_guidance)
+                raise ConfigError("sparse guidance needs routes (this run has --route-ratio 0 or no route)")
+            strong = self.sg_strong if sparse_guidance_strong is None else sparse_guidance_strong
+            weak = self.sg_weak if sparse_guidance_weak is None else sparse_guidance_weak
+            model = SparseGuided(model, self.routes, sparse_guidance,
+                                 check_guidance_rate("--sparse-guidance-strong", strong, self.num_tokens),
+                                 check_guidance_rate("--sparse-guidance-weak", weak, self.num_tokens))
         elif self.route_eval and self.routes:
             model = _Routed(model, self.routes)
         return sample(model, y, noise=noise, **opts)
@@ -176,10 +216,13 @@ class _Routed(nn.Module):
 
 class SparseGuided(nn.Module):
     """v = v_weak + s (v_strong - v_weak): two CONDITIONAL forwards of the same model on the same
-    labels, routing `strong` (0.3) and `weak` (0.7) of the tokens over the training routes' blocks."""
+    labels, routing `strong` (0.3) and `weak` (0.7) of the tokens over the training routes' blocks;
+    each rate in [0, 1) (--sparse-guidance-strong / --sparse-guidance-weak)."""
 
     def __init__(self, model, routes, scale: float = 1.5, strong: float = 0.3, weak: float = 0.7):
         super().__init__()
+        strong = check_guidance_rate("--sparse-guidance-strong", strong)
+        weak = check_guidance_rate("--sparse-guidance-weak", weak)
         self.model, self.scale = model, float(scale)
         self.strong = [replace(r, ratio=strong, idx=None) for r in routes]
         self.weak = [replace(r, ratio=weak, idx=None) for r in routes]
