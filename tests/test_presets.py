@@ -122,3 +122,12 @@ def test_the_consistency_presets_sample_in_one_step():
     p = sample_mod.build_parser()
     _, installed = apply_preset(p, ["--preset", "act"], kind="sample")
     assert installed["steps"] == 1
+
+
+def test_sra_says_at_start_when_the_ema_is_not_its_teachers(tmp_path, capsys):
+    argv = ["--method", "sra", "--model-kwargs", SMALL, "--steps", "1", "--batch-size", "8", "--eval-every", "0",
+            "--ckpt-every", "0", "--quiet"]
+    assert train_mod.main(["--out", str(tmp_path / "a"), *argv]) == 0
+    assert "its paper's is 0.9999 from step 0" in capsys.readouterr().out
+    assert train_mod.main(["--out", str(tmp_path / "b"), "--ema", "0.9999", "--ema-no-warmup", *argv]) == 0
+    assert "its paper's" not in capsys.readouterr().out

@@ -8,8 +8,8 @@ process of the objective it composes with:
     DDPM (DiT; integer steps 0..T-1):            t_teacher = clamp(t - k, 1, T - 1), k ~ U{0, ..,
         int(T t_max) - 1} (DiT-SRA's rule), never above t (a student at step 0 keeps a teacher at
         step 0), x_teacher = the objective's q_sample(x, t_teacher, noise);
-with t_max = 0.2; the teacher is never noisier than the student. An objective that reports neither
-(no t, noise) is refused. The student's hidden state at depth s goes through a head
+with t_max = 0.2; the teacher is never noisier than the student. An objective whose output carries
+no t and noise (the consistency methods) is refused. The student's hidden state at depth s goes through a head
 Linear(D, 2D) - SiLU - Linear(2D, D) (xavier-uniform weights, zero biases, as the release
 initialises it); the teacher's raw hidden state at depth t_b is the target, its forward stopped
 there (stop_at). Loss: the per-token cosine over the feature dimension
@@ -58,6 +58,7 @@ class SRA(Method):
     """Flow loss + weight x alignment of a head on the student's depth s with its EMA's depth t_b."""
 
     takes_packed_hidden = True  # extra_losses reads a TokenPack keep index (Composite checks this)
+    teacher_ema = 0.9999  # the teacher is the trainer's EMA: SRA's is 0.9999 from step 0
 
     @staticmethod
     def add_args(group) -> None:
