@@ -8,12 +8,20 @@ Kernel backend primitives (effkernels._triton.align, effkernels._ext.align):
       norms clamped at reference.align.norm_clamp(eps, z_hat.dtype) (the primitives apply it)
   cosine_bwd(dcos, z_hat, z, eps) -> dz_hat (z_hat's dtype); dcos (B, N) float32, may be an
       expanded (stride 0) view; norms recomputed, one pass.
+
+Forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad): every loss here, on every
+backend, with tangents through z_hat (and h, weight, bias) only: z is detached. per_token_cosine
+and projected_cosine keep their kernel forward with the analytic tangent of reference.jvp
+(float32; projected_cosine's tangent also chunk_tokens at a time) through ops._forward_ad.rule;
+the cosine loss is built on per_token_cosine; the smooth-L1 and MSE losses are plain torch.
 """
 from __future__ import annotations
 
 import torch
 
 from ..reference import align as ref
+from ..reference import jvp as ref_jvp
+from . import _forward_ad as fad
 from ._common import check_eps, check_last_dim_contiguous, check_same, check_tensor, kernel_module, pick
 
 
@@ -56,10 +64,15 @@ def _cos_setup(ctx, inputs, output):
 
 def _cos_bwd(ctx, dcos):
     z_hat, z = ctx.saved_tensors
+    fad.forbid_tangents("per_token_cosine (its backward)", dcos, z_hat)
     return _cos_bwd_op(dcos, z_hat, z, ctx.eps, ctx.backend), None, None, None
 
 
 _cos_op.register_autograd(_cos_bwd, setup_context=_cos_setup)
+
+_cos_rule = fad.rule("per_token_cosine", _cos_op,
+                     jvp=lambda a, out, d: ref_jvp.per_token_cosine_jvp(a[0], a[1], a[2], d[0]),
+                     reference=lambda z_hat, z, eps, backend: ref.per_token_cosine(z_hat, z, eps))
 
 
 def per_token_cosine(z_hat: torch.Tensor, z: torch.Tensor, eps: float = 1e-8, *,
@@ -75,7 +88,7 @@ def per_token_cosine(z_hat: torch.Tensor, z: torch.Tensor, eps: float = 1e-8, *,
     z = z.detach()
     if b == "reference":
         return ref.per_token_cosine(z_hat, z, eps)
-    return _cos_op(z_hat, z, eps, b)
+    return (_cos_rule.apply if fad.active() else _cos_op)(z_hat, z, eps, b)
 
 
 def _check_weight(token_weight, like: torch.Tensor) -> None:
@@ -203,11 +216,17 @@ def _pcos_setup(ctx, inputs, output):
 
 def _pcos_bwd(ctx, dcos, _dnorms):
     h, weight, bias, z, cos, norms = ctx.saved_tensors
+    fad.forbid_tangents("projected_cosine (its backward)", dcos, h, weight, bias)
     dh, dw, db = _pcos_bwd_op(dcos, h, weight, bias, z, cos, norms, ctx.eps, ctx.chunk, ctx.backend)
     return dh, dw, db if ctx.has_bias else None, None, None, None, None
 
 
 _pcos_op.register_autograd(_pcos_bwd, setup_context=_pcos_setup)
+
+_pcos_rule = fad.rule(
+    "projected_cosine", _pcos_op, outputs=1,
+    jvp=lambda a, out, d: ref_jvp.projected_cosine_jvp(*a[:5], *d[:3], chunk=a[5]),
+    reference=lambda h, weight, bias, z, eps, chunk, backend: ref.projected_cosine(h, weight, bias, z, eps))
 
 
 def projected_cosine(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor,
@@ -234,7 +253,7 @@ def projected_cosine(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     with torch.autocast(dev, enabled=False):
         if b == "reference":
             return ref.projected_cosine(h, weight, bias, z, eps)
-        return _pcos_op(h, weight, bias, z, eps, chunk, b)[0]
+        return (_pcos_rule.apply if fad.active() else _pcos_op)(h, weight, bias, z, eps, chunk, b)[0]
 
 
 def projected_cosine_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor,

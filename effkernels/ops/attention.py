@@ -14,14 +14,24 @@ max_seqlen an int (flash-attn's convention; no .item() inside the op). Paths, by
   reference  (and cpp, whose CPU path it is) one SDPA per segment.
 The Triton kernel and the reference are registered ops with their backward written out (the
 Triton one saves the log-sum-exp), so torch.compile traces either without a graph break.
+
+Forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad): the dense form runs SDPA's
+math backend while a forward-AD level is open (PyTorch's fused CPU/CUDA kernels have no forward
+derivative); the packed form's Triton and reference paths keep their forward with the analytic
+tangent of reference.jvp, one segment at a time, through ops._forward_ad.rule. flash-attn's varlen
+function has none: `auto` takes the Triton path (else the reference) instead while forward AD is
+open, and an explicit `cuda` raises a NotImplementedError naming the op.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import backends
 from ..reference import attention as ref
+from ..reference import jvp as ref_jvp
+from . import _forward_ad as fad
 from ._common import check_same, check_tensor, data_checks_enabled, kernel_module, pick
 
 lengths_to_cu_seqlens = ref.lengths_to_cu_seqlens
@@ -57,6 +67,7 @@ def _varlen_setup(ctx, inputs, output):
 
 def _varlen_bwd(ctx, dout):
     q, k, v, cu = ctx.saved_tensors
+    fad.forbid_tangents("visible_attention (its backward)", dout, q, k, v)
     dq, dk, dv = _varlen_ref_bwd_op(dout, q, k, v, cu, ctx.max_seqlen, ctx.scale)
     return dq, dk, dv, None, None, None
 
@@ -101,22 +112,44 @@ def _varlen_tri_setup(ctx, inputs, output):
 
 def _varlen_tri_bwd(ctx, dout, _dlse):
     q, k, v, out, lse, cu = ctx.saved_tensors
+    fad.forbid_tangents("visible_attention (its backward)", dout, q, k, v)
     dq, dk, dv = _varlen_tri_bwd_op(dout, q, k, v, out, lse, cu, ctx.max_seqlen, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
 _varlen_tri_op.register_autograd(_varlen_tri_bwd, setup_context=_varlen_tri_setup)
 
+
+def _varlen_jvp(a, out, d):
+    q, k, v, cu, _, scale = a
+    return ref_jvp.varlen_attention_jvp(q, k, v, cu, *d[:3], scale=scale)
+
+
+def _varlen_plain(q, k, v, cu_seqlens, max_seqlen, scale):
+    return ref_jvp.varlen_attention(q, k, v, cu_seqlens, scale)
+
+
+_varlen_ref_rule = fad.rule("visible_attention", _varlen_ref_op, jvp=_varlen_jvp, reference=_varlen_plain)
+_varlen_tri_rule = fad.rule("visible_attention", _varlen_tri_op, outputs=1, jvp=_varlen_jvp,
+                            reference=_varlen_plain)
+
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_MAX_HEAD_DIM = 128  # effkernels._triton.attention._MAX_HEAD_DIM (not imported: triton is optional)
 
 
-def _packed_path(requested: str, q: torch.Tensor) -> str:
+def _packed_path(requested: str, q: torch.Tensor, forward_ad: bool = False) -> str:
     """Which implementation runs the packed form: "flash_attn", "triton" or "reference".
 
     requested: backends.requested_backend(...), already checked runnable on q's device by pick().
+    forward_ad: a forward-AD level is open; flash-attn has no JVP, so auto skips it and cuda raises.
     Raises where the request cannot be honoured for these tensors (no silent fallback)."""
     fa_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and backends.flash_attn_status()[0]
+    if forward_ad and requested == "cuda":
+        raise NotImplementedError(
+            "effkernels.ops.visible_attention: backend 'cuda' (flash-attn's varlen kernel) has no forward-mode AD "
+            "(JVP) rule; under torch.func.jvp / jacfwd / forward_ad use backend='triton' or 'reference' "
+            "(or 'auto', which takes them)")
+    fa_ok = fa_ok and not forward_ad
     tri_fits = q.dtype in _TRITON_DTYPES and q.shape[-1] <= _TRITON_MAX_HEAD_DIM
     if requested == "triton":
         if q.dtype not in _TRITON_DTYPES:
@@ -181,6 +214,9 @@ def visible_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     _check_qkv(q, k, v, dims)
     pick("visible_attention", q.device, backend)  # raises for an explicit backend that cannot run here
     if cu_seqlens is None:
+        if fad.active():  # the fused SDPA kernels have no forward derivative; the math backend does
+            with sdpa_kernel([SDPBackend.MATH]):
+                return F.scaled_dot_product_attention(q, k, v, scale=scale)
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     check_tensor("cu_seqlens", cu_seqlens, dims=(1,), integer=True)
     check_same(("q", "cu_seqlens"), (q, cu_seqlens), dtype=False)
@@ -190,12 +226,13 @@ def visible_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         raise ValueError(f"max_seqlen must be a positive int (the longest segment), got {max_seqlen!r}")
     _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    path = _packed_path(backends.requested_backend(backend), q)
+    forward_ad = fad.active()
+    path = _packed_path(backends.requested_backend(backend), q, forward_ad)
     if path == "flash_attn":
         from flash_attn import flash_attn_varlen_func
         cu = cu_seqlens.to(torch.int32)
         return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale)
     if path == "triton":
         q, k, v = (t if t.shape[-1] == 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        return _varlen_tri_op(q, k, v, cu_seqlens, max_seqlen, scale)[0]
-    return _varlen_ref_op(q, k, v, cu_seqlens, max_seqlen, scale)
+        return (_varlen_tri_rule.apply if forward_ad else _varlen_tri_op)(q, k, v, cu_seqlens, max_seqlen, scale)[0]
+    return (_varlen_ref_rule.apply if forward_ad else _varlen_ref_op)(q, k, v, cu_seqlens, max_seqlen, scale)
