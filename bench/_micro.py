@@ -125,7 +125,7 @@ def _step(case: Case, fn, inputs, grads_out, direction: str):
 
 def _check(got, want, what: str) -> None:
     for i, (g, w) in enumerate(zip(got, want)):
-        # fp32 1e-4 (DESIGN.md: a reduction order differs between the backends)
+        # fp32 1e-4 (a reduction order differs between the backends)
         torch.testing.assert_close(g.float(), w.float(), rtol=1e-4, atol=1e-4, msg=lambda m, i=i: f"{what} output {i}: {m}")
 
 

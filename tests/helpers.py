@@ -1,7 +1,7 @@
-"""Shared test utilities: relative error, tolerances from DESIGN.md, NaN-poisoned outputs."""
+"""Shared test utilities: relative error, the project's tolerances, NaN-poisoned outputs."""
 import torch
 
-# DESIGN.md: fp32 1e-5, or 1e-4 where the kernel reduces in another order than the reference;
+# Tolerances: fp32 1e-5, or 1e-4 where the kernel reduces in another order than the reference;
 # fp16 2e-3, bf16 1e-2 (and, for 16-bit inputs, at most 2x PyTorch's own error in that dtype).
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 TOL_REDUCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
@@ -26,7 +26,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor, scale: float | None = None) ->
 
 
 def assert_close(out, ref, dtype, *, reduce=False, name="out", same_dtype_ref=None, scale=None):
-    """Kernel vs float32/64 reference within DESIGN.md's tolerance, or, for 16-bit inputs, within
+    """Kernel vs float32/64 reference within the project's tolerance, or, for 16-bit inputs, within
     twice the error of the same computation done by PyTorch in that dtype (flash-attention's rule).
     `scale`: see rel_err (for results of a sum whose terms may cancel)."""
     tol = (TOL_REDUCE if reduce else TOL)[dtype]

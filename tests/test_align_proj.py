@@ -17,7 +17,7 @@ from effkernels.reference import align as ref
 # the last one partial), and an odd case inside one tile with the default chunk.
 BIG = (2, 37, 100, 70, 32)
 SMALL = (3, 5, 17, 9, None)
-# Triton in the interpreter: fp32 and fp16 (its bf16 tl.dot is garbage there, DESIGN.md); C++: all three.
+# Triton in the interpreter: fp32 and fp16 (its bf16 tl.dot is garbage there); C++: all three.
 CASES = [("triton", torch.float32, BIG, True), ("triton", torch.float32, SMALL, False),
          ("triton", torch.float16, BIG, True), ("triton", torch.float16, SMALL, False),
          ("cpp", torch.float32, BIG, True), ("cpp", torch.float32, SMALL, False),

@@ -1,6 +1,6 @@
 """Training objectives. SiT's linear-interpolant flow matching is the ground every method stands on.
 
-Convention (METHODS.md "Shared ground"): t = 0 is data, t = 1 is noise,
+Convention (SiT's): t = 0 is data, t = 1 is noise,
     x_t = (1 - t) x + t eps,    target velocity v = d x_t / d t = eps - x,
 loss = mean over C, H, W of (v_hat - v)^2, then mean over the batch, t ~ U(0, 1).
 

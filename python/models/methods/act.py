@@ -1,4 +1,4 @@
-"""ACT: adversarial consistency training (shared/METHODS.md, "ACT") on top of CT (ct.py).
+"""ACT: adversarial consistency training (Kong et al., kong13661/ACT) on top of CT (ct.py).
 
 A discriminator conditioned on sigma sees clean-space images only: fakes are the online
 consistency outputs f(x + t z, t) of the generator's half of the batch, reals the other half at an

@@ -1,4 +1,4 @@
-"""CT: consistency training on the DiT backbone (shared/METHODS.md, "ACT", its consistency part).
+"""CT: consistency training on the DiT backbone (ACT's consistency part; CM, iCT and ECT's options).
 
 EDM noise x_sigma = x + sigma z, sigma in [sigma_min, sigma_max] = [0.002, 80], sigma_data 0.5, the
 consistency parameterisation with sigma_min (so f(x, sigma_min) = x exactly):

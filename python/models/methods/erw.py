@@ -1,4 +1,4 @@
-"""ERW: embedded representation warm-up, then REPA with a decaying weight (shared/METHODS.md, "ERW").
+"""ERW: embedded representation warm-up, then REPA with a decaying weight (Liu et al., ERW).
 
 Phase 1 (steps 0..W-1): the representation processing region (embedders, position embedding,
 blocks 1..L) and REPA's projector at depth L, fed the CLEAN input (t = 0) with its label (the
@@ -53,7 +53,7 @@ class ERW(REPA):
         region = getattr(args, "erw_region", None)
         self.region = int(region) if region is not None else (4 if model.depth >= 12 else 2)
         if getattr(args, "repa_depth", None) is None:
-            self.depth = max(1, model.depth // 2)  # METHODS.md: re-attached at 14 for XL
+            self.depth = max(1, model.depth // 2)  # the paper: re-attached at 14 for XL
         c0 = getattr(args, "erw_c0", None)
         self.c0 = float(c0) if c0 is not None else C0_BY_DEPTH.get(model.depth, 1.0)
         self.half_life = float(getattr(args, "erw_half_life", 50_000.0))

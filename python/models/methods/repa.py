@@ -1,4 +1,4 @@
-"""REPA: representation alignment (shared/METHODS.md, "REPA").
+"""REPA: representation alignment (Yu et al., sihyun-yu/REPA).
 
 The hidden state after block k (the residual stream, no norm) goes through a per-token projector
 (effkernels.nn.AlignmentHead: Linear-SiLU-Linear-SiLU-Linear) and is pulled towards a frozen
@@ -36,7 +36,7 @@ from .. import encoders as enc
 from . import register_method
 from .base import ConfigError, Method
 
-# REPA's depths (METHODS.md): k = 4 for B (depth 12), 8 for L/XL (depth 24/28). S shares B's depth
+# REPA's depths (its paper): k = 4 for B (depth 12), 8 for L/XL (depth 24/28). S shares B's depth
 # 12 and gets 4. Other depths (tiny/2 has 6): a third of the way up, REPA's own ratio (4/12, 8/24),
 # so tiny/2 aligns after block 2.
 DEPTH_BY_MODEL_DEPTH = {12: 4, 24: 8, 28: 8}

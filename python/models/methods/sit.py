@@ -1,4 +1,4 @@
-"""SiT: the baseline every method is measured against (shared/METHODS.md, "Shared ground").
+"""SiT: the baseline every method is measured against (Ma et al., willisma/SiT).
 
 The linear-interpolant flow-matching loss with velocity prediction, t ~ U(0, 1), on every token;
 nothing else. It is `Method`'s default objective, so this file only names it.
