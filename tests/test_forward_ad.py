@@ -23,7 +23,7 @@ from helpers import rel_err
 
 BACKENDS = [b for b in ("reference", "cpp", "triton") if effkernels.backends.available(b, torch.device("cpu"))[0]]
 # Kernel JVP vs torch's JVP of the reference: the primal statistics differ by rounding only, fp32
-# 1e-5 (1e-4 where a reduction order differs, DESIGN.md); float64 keeps the tangent's float64 math.
+# 1e-5 (1e-4 where a reduction order differs); float64 keeps the tangent's float64 math.
 TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
 # Central differences, step h: fp64 through the reference is exact to ~h^2; a kernel that
 # accumulates in float32 (cpp, even for float64 input) or runs in fp32 (triton) adds eps32 / h.
