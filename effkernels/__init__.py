@@ -1,18 +1,12 @@
-"""effkernels: fused Triton and CUDA kernels, and a thin model layer, for training DiT/SiT fast."""
+"""effkernels: fused Triton and CUDA kernels, and a thin model layer, for training DiT/SiT fast.
+
+The kernel layer: `effkernels.ops` (functional ops), `effkernels.nn` (drop-in modules), `effkernels.reference`
+(the specification), `effkernels.backends`. The model layer is `effkernels.models` (import it by name);
+this package never imports it.
+"""
 __version__ = "0.1.0"
 
-from . import backends, ops, reference  # noqa: E402
+from . import backends, nn, ops, reference  # noqa: E402
 from .backends import use_backend  # noqa: E402
 
-__all__ = ["backends", "ops", "reference", "use_backend", "__version__"]
-
-
-def __getattr__(name):
-    # The model layer imports the nn stack; load it only when asked for.
-    if name in ("apply_effkernels", "revert_effkernels"):
-        from .models import convert
-        return getattr(convert, name)
-    if name in ("models", "nn"):
-        import importlib
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'effkernels' has no attribute {name!r}")
+__all__ = ["backends", "nn", "ops", "reference", "use_backend", "__version__"]

@@ -11,7 +11,7 @@ from torch import nn
 from effkernels.models.backbone import DiT, build
 from effkernels.models.convert import (apply_effkernels, infer_config, load_official, read_state_dict,
                                        revert_effkernels)
-from effkernels.models.sample import sample
+from effkernels.models.samplers import sample
 from helpers import TOL, TOL_REDUCE, rel_err
 from test_backbone import OfficialStyleDiT, randomized
 

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 import torch
-from effkernels.models.data import DataError, batch_indices, load_dataset, load_digits
+from effkernels.models.batches import batch_indices
+from effkernels.models.data import DataError, load_dataset, load_digits
 
 
 def test_digits_shape_range_classes():

@@ -11,7 +11,7 @@ from effkernels.models.convert import load_official
 from effkernels.models.diffusion import (DDPMObjective, GaussianDiffusion, diffusion_sample,
                                          discretized_gaussian_log_likelihood, linear_betas, normal_kl,
                                          space_timesteps)
-from effkernels.models.sample import sample
+from effkernels.models.samplers import sample
 from helpers import rel_err
 from test_backbone import OfficialStyleDiT, randomized
 

@@ -10,14 +10,8 @@ import torch
 from effkernels.models import train as train_mod
 from effkernels.models.checkpoint import load_checkpoint
 from effkernels.models.data import DataError, load_dataset
-from effkernels.models.latents import (
-    SD_VAE_SCALE,
-    LatentFolder,
-    epoch_batch_indices,
-    make_loader,
-    sample_seed,
-    step_keys,
-)
+from effkernels.models.batches import epoch_batch_indices, make_loader, sample_seed, step_keys
+from effkernels.models.latents import SD_VAE_SCALE, LatentFolder
 from effkernels.models.methods import METHODS
 from effkernels.models.methods.base import Method
 

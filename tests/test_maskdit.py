@@ -10,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from effkernels.models import train as train_mod
 from effkernels.models.backbone import build
-from effkernels.models.checkpoint import generator_from_checkpoint, load_checkpoint
+from effkernels.models.checkpoint import load_checkpoint
+from effkernels.models.rebuild import generator_from_checkpoint
 from effkernels.models.methods import ConfigError, build_method
 from effkernels.models.methods.maskdit import MaskDiT, MaskDiTGenerator, patch_normalize
 

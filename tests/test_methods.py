@@ -15,7 +15,8 @@ from torch import nn
 
 from effkernels.models import train as train_mod
 from effkernels.models.backbone import Route, build
-from effkernels.models.checkpoint import generator_from_checkpoint, load_checkpoint, save_checkpoint
+from effkernels.models.checkpoint import load_checkpoint, save_checkpoint
+from effkernels.models.rebuild import generator_from_checkpoint
 from effkernels.models.data import ArrayDataset, DataError, load_latents
 from effkernels.models.methods import (METHODS, AuxModule, ConfigError, Method, build_method, register_method)
 from effkernels.models.objectives import FlowMatching, mean_prediction
@@ -530,7 +531,7 @@ def test_non_finite_loss_on_one_rank_stops_every_rank(toys, tmp_path, seed):
 # -----------------------------------------------------------------------------------------------
 
 def test_learned_sigma_model_trains_on_the_mean_half_and_samples(tmp_path, seed):
-    from effkernels.models.sample import sample
+    from effkernels.models.samplers import sample
 
     model = build("tiny/2", learn_sigma=True, depth=2, hidden_size=32, num_heads=2)
     x = torch.rand(4, 1, 8, 8) * 2 - 1
@@ -545,7 +546,7 @@ def test_learned_sigma_model_trains_on_the_mean_half_and_samples(tmp_path, seed)
 
 
 def test_forward_with_cfg_is_the_sampler_guidance(seed):
-    from effkernels.models.sample import guided_velocity
+    from effkernels.models.guidance import guided_velocity
 
     model = build("tiny/2", learn_sigma=True, depth=2, hidden_size=32, num_heads=2).eval()
     for p in model.parameters():
@@ -579,11 +580,11 @@ def test_wheel_contains_every_python_file(tmp_path):
 
 
 def test_revert_effkernels_is_exported_beside_apply():
-    import effkernels
+    import effkernels.models
     from effkernels.models import convert
 
-    assert effkernels.apply_effkernels is convert.apply_effkernels
-    assert effkernels.revert_effkernels is convert.revert_effkernels
+    assert effkernels.models.apply_effkernels is convert.apply_effkernels
+    assert effkernels.models.revert_effkernels is convert.revert_effkernels
 
 
 def test_checkpoint_of_the_layout_before_the_methods_package_resumes(tmp_path):

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 from effkernels.models.objectives import score_from_velocity
-from effkernels.models.sample import guided_velocity, sample, save_grid
+from effkernels.models.guidance import guided_velocity
+from effkernels.models.images import save_grid
+from effkernels.models.samplers import sample
 from helpers import rel_err
 
 

@@ -1,26 +1,10 @@
-"""The thin model layer: backbone, objectives, samplers, data, metrics, trainer.
+"""The thin model layer: backbone, objectives, samplers, data, metrics, methods, trainer.
 
-Submodules import on first use (`effkernels.models.backbone`, ...), so `import effkernels` stays
-light. The backbone and interop names are also reachable here:
+The backbone and interop names are reachable here:
     from effkernels.models import build, DiT, Route, load_official, apply_effkernels
+the rest by module (`effkernels.models.train`, `effkernels.models.samplers`, ...).
 """
-import importlib
+from .backbone import CONFIGS, DiT, Route, build
+from .convert import apply_effkernels, load_official, revert_effkernels
 
-_NAMES = {
-    "DiT": "backbone", "Route": "backbone", "build": "backbone", "CONFIGS": "backbone",
-    "load_official": "convert", "apply_effkernels": "convert", "revert_effkernels": "convert",
-}
-
-
-def __getattr__(name):
-    if name in _NAMES:
-        return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
-    try:
-        return importlib.import_module(f".{name}", __name__)
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.{name}":
-            raise
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-
-
-__all__ = list(_NAMES)
+__all__ = ["DiT", "Route", "build", "CONFIGS", "load_official", "apply_effkernels", "revert_effkernels"]

@@ -26,6 +26,8 @@ from effkernels.nn import DiTBlock, ModulatedLayerNorm
 from effkernels.nn.routing import TokenPack, keep_count
 from effkernels.nn._common import check_backend, check_positive_int, check_ratio
 
+from .guidance import cfg_forward
+
 
 #################################################################################
 #                     Embedding layers for patches, timesteps and labels         #
@@ -461,10 +463,8 @@ class DiT(nn.Module):
 
         Guidance applies to the first `guided_channels` output channels (default: in_channels, so a
         learned-sigma half is passed through from the conditional branch). -> (B, C_out, H, W).
-        The samplers' guidance (effkernels.models.sample.cfg_forward) does the work.
+        The samplers' guidance (effkernels.models.guidance.cfg_forward) does the work.
         """
-        from .sample import cfg_forward
-
         if not self.y_embedder.has_null_class:
             raise ValueError("forward_with_cfg needs a null class: build the model with class_dropout_prob > 0")
         C = self.in_channels if guided_channels is None else guided_channels

@@ -5,11 +5,11 @@ import argparse
 
 import torch
 
+from effkernels.backends import available
+
 
 def check_backend_arg(p: argparse.ArgumentParser, backend: str, device: str) -> None:
     """A named backend that cannot run on this device is an argument error now, not a failure mid-run."""
-    from effkernels.backends import available
-
     if backend != "auto":
         ok, why = available(backend, torch.device(device))
         if not ok:

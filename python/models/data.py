@@ -19,77 +19,15 @@ The value range of images is [-1, 1]; for latents it is None (unbounded: sampler
 """
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .arrays import ArrayDataset, DataError
+from .latents import LatentFolder, detect_layout
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-class DataError(ValueError):
-    """Bad data: a missing path or a malformed file; the message names it."""
-
-
-@dataclass
-class ArrayDataset:
-    """Images or latents x (N, C, H, W) float32 and labels y (N,) int64, in memory."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    num_classes: int
-    name: str
-    value_range: tuple | None = (-1.0, 1.0)
-    extras: dict = field(default_factory=dict)  # name -> (N, ...) tensor, one row per sample
-
-    def __post_init__(self):
-        if self.x.dim() != 4:
-            raise DataError(f"{self.name}: data must be (N, C, H, W), got shape {tuple(self.x.shape)}")
-        if self.y.shape != (self.x.shape[0],):
-            raise DataError(f"{self.name}: {self.x.shape[0]} samples but labels of shape {tuple(self.y.shape)}")
-        if self.x.shape[0] == 0:
-            raise DataError(f"{self.name}: the data set is empty")
-        if self.x.shape[2] != self.x.shape[3]:
-            raise DataError(f"{self.name}: images must be square, got {self.x.shape[2]}x{self.x.shape[3]}")
-        if not torch.isfinite(self.x).all():
-            raise DataError(f"{self.name}: data contains NaN or inf")
-        if int(self.y.min()) < 0 or int(self.y.max()) >= self.num_classes:
-            raise DataError(f"{self.name}: labels must lie in [0, {self.num_classes}), got "
-                            f"[{int(self.y.min())}, {int(self.y.max())}]")
-        for k, v in self.extras.items():
-            if not torch.is_tensor(v) or v.dim() < 1 or v.shape[0] != self.x.shape[0]:
-                raise DataError(f"{self.name}: extra array {k!r} must have one row per sample ({self.x.shape[0]}), "
-                                f"got {tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}")
-            if v.is_floating_point() and not torch.isfinite(v).all():
-                raise DataError(f"{self.name}: extra array {k!r} contains NaN or inf")
-
-    def __len__(self):
-        return self.x.shape[0]
-
-    @property
-    def channels(self) -> int:
-        return self.x.shape[1]
-
-    @property
-    def size(self) -> int:
-        return self.x.shape[2]
-
-    def fingerprint(self) -> str:
-        """sha256 of the pixels and labels (16 hex digits): the cache key of metric feature networks."""
-        h = hashlib.sha256()
-        h.update(str(tuple(self.x.shape)).encode())
-        h.update(self.x.contiguous().numpy().tobytes())
-        h.update(self.y.contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
-
-    def split(self, holdout: float = 0.2, seed: int = 0):
-        """(train, held-out) index tensors: a fixed, seeded, stratified-enough random split."""
-        g = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(len(self), generator=g)
-        n_hold = max(1, round(holdout * len(self)))
-        return perm[n_hold:], perm[:n_hold]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -205,23 +143,9 @@ def load_dataset(spec: str, image_size: int | None = None) -> ArrayDataset:
     if not os.path.exists(spec):
         raise DataError(f"data path {spec!r} does not exist (use 'digits', an image folder, or a .npz/.npy file)")
     if os.path.isdir(spec):
-        from .latents import LatentFolder, detect_layout
-
         if detect_layout(spec):  # fast-DiT features/ + labels/, REPA vae-sd/: streamed, never all in RAM
             return LatentFolder(spec)
         return load_image_folder(spec, image_size=image_size)
     if spec.endswith((".npz", ".npy")):
         return load_latents(spec)
     raise DataError(f"data file {spec!r} is neither .npz nor .npy (image data must be a folder of class subfolders)")
-
-
-# -----------------------------------------------------------------------------------------------
-# Batches
-# -----------------------------------------------------------------------------------------------
-
-
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """The global batch of step `step`: uniform draws with replacement from a generator seeded by
-    (seed, step). Stateless, so a resumed or data-parallel run sees exactly the same batches."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
-    return torch.randint(n, (batch_size,), generator=g)

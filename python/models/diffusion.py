@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from .guidance import cfg_forward, model_output
 from .objectives import _expand, _gen_device
 
 NUM_STEPS = 1000
@@ -288,8 +289,6 @@ def diffusion_sample(model, y, noise: torch.Tensor, *, sampler: str = "ddpm", st
     conditional branch). `generator` draws the per-step noise. clip_denoised clamps the predicted x_0
     to [-1, 1] (DiT samples latents with it off).
     """
-    from .sample import cfg_forward, model_output
-
     if sampler not in DIFFUSION_SAMPLERS:
         raise ValueError(f"sampler must be one of {DIFFUSION_SAMPLERS}, got {sampler!r}")
     if not isinstance(eta, (int, float)) or eta < 0:

@@ -38,6 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import cache_dir
+from .checkpoint import save_checkpoint
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _DAE_VERSION = "v1"  # bump when the autoencoder's architecture or recipe changes: invalidates caches
@@ -319,15 +322,11 @@ class DataEncoder(nn.Module):
         self.info: dict = {}
 
     def cache_path(self, ds) -> str:
-        from .metrics import cache_dir
-
         key = json.dumps({"channels": ds.channels, **self.train_kw}, sort_keys=True)
         h = hashlib.sha256(key.encode()).hexdigest()[:8]
         return os.path.join(self.cache or cache_dir(), "repa_encoder", f"{ds.fingerprint()}-{h}-{_DAE_VERSION}.pt")
 
     def prepare(self, ds, *, retrain: bool = False, verbose: bool = False) -> None:
-        from .checkpoint import save_checkpoint
-
         if self.net is not None and not retrain:
             return
         path = self.cache_path(ds)

@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import cache_dir
+from .checkpoint import save_checkpoint
+
 _CLASSIFIER_VERSION = "v1"  # bump when the architecture or training recipe changes: invalidates caches
 
 
@@ -135,14 +138,8 @@ def _fit(net, opt, sched, x_tr, y_tr, g, epochs, batch_size, verbose):
             print(f"classifier epoch {ep + 1}/{epochs} loss {loss.item():.4f}")
 
 
-def cache_dir() -> str:
-    return os.environ.get("EFFKERNELS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "effkernels"))
-
-
 def get_classifier(ds, *, cache: str | None = None, retrain: bool = False, verbose: bool = False):
     """The cached classifier for ds (trained and cached on first use); returns (net, held-out accuracy)."""
-    from .checkpoint import save_checkpoint
-
     path = os.path.join(cache or cache_dir(), "feature_classifier", f"{ds.fingerprint()}-{_CLASSIFIER_VERSION}.pt")
     if os.path.isfile(path) and not retrain:
         try:

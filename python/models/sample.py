@@ -1,273 +1,27 @@
-"""Samplers: ODE (Euler, Heun) and SDE (Euler-Maruyama) for the flow-matching models, DDPM and DDIM for
-DiT's noise-predicting ones (effkernels.models.diffusion), classifier-free guidance on an interval of t,
-and the `effkernels-sample` CLI (PNG grid + .npz from a checkpoint's EMA, or from an official checkpoint).
-
-Time runs from t = 1 (noise) to t = 0 (data), REPA's convention; an official SiT checkpoint (t = 0 noise)
-is turned into it when loaded (convert.load_official). The state is integrated in float64 and the
-network called in the noise's dtype, as REPA's samplers do.
-
-Grids, as REPA's samplers (the published FIDs' ones) by default:
-  euler  `steps` uniform steps from 1 to 0.
-  heun   the same grid, Heun's corrector on every step but the last (a plain Euler step into t = 0,
-         where REPA skips it), guidance decided at the step's t_cur for both evaluations
-         (`heun_last_corrector=True`, `guidance_at="t_next"`: the earlier behaviour of this library).
-  euler-maruyama  steps - 1 Euler-Maruyama steps on a uniform grid from 1 to `sde_last_step` (0.04),
-         then one noise-free step of that length whose drift includes the score term (SiT's "Mean"
-         last step, REPA's `mean_x`). `sde_last_step=None`: `steps` uniform steps to 0, the last a plain
-         Euler ODE step (the earlier behaviour).
-
-SDE. The forward-in-t SDE  dx = [v + (w/2) s] dt + sqrt(w) dW  has the same marginals as the ODE
-dx = v dt (its Fokker-Planck terms -(w/2) div(p s) + (w/2) lap p cancel, since p s = grad p). Its
-reverse-time SDE (t decreasing) is  dx = [v - (w/2) s] dt + sqrt(w) dW_bar, with w(t) = 2t (SiT's
-default "sigma" diffusion, where their noise term is sqrt(2 sigma_t) dW). With the score from
-`objectives.score_from_velocity`, s = -(x + (1 - t) v) / t, the drift becomes v - t s = (2 - t) v + x,
-free of the 1/t.
-
-Guidance. cfg_scale s mixes v_u + s (v_c - v_u) for t in guidance_interval. `guided_channels` limits
-it to the first k channels (the others from the conditional branch), as DiT's and SiT's
-forward_with_cfg do with k = 3 (their published FIDs were sampled so; REPA guides all): "auto" (the
-default) takes the paper's k from a checkpoint loaded by load_official (`model.interop`), else all.
-
-Clamping. `clamp=None` by default: latents are unbounded. Pass the data's value range where the data
-are known to be images in it (the trainer's digits evaluation passes (-1, 1)).
-"""
+"""The `effkernels-sample` CLI: a PNG grid and an .npz (images, labels) from a checkpoint's EMA
+generator, or from an official DiT/SiT/REPA checkpoint, through the method's own sampler
+(samplers.py for the flow and DDPM/DDIM samplers)."""
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
+import numpy as np
 import torch
 
-from .objectives import mean_prediction
+import effkernels
 
-FLOW_SAMPLERS = ("euler", "heun", "euler-maruyama")
-SAMPLERS = FLOW_SAMPLERS + ("ddpm", "ddim")
-SDE_LAST_STEP = 0.04  # SiT's and REPA's last_step_size
-
-
-# -----------------------------------------------------------------------------------------------
-# Guidance
-# -----------------------------------------------------------------------------------------------
-
-
-def cfg_forward(model, x, t, y, cfg_scale: float, *, null_class: int | None = None, guided_channels: int | None = None,
-                **model_kwargs) -> torch.Tensor:
-    """Classifier-free guidance in one forward on the doubled batch, as DiT does (a block then sees
-    the same batch either way): out_u + s (out_c - out_u) on the first `guided_channels` channels
-    (default: all), the rest (a learned-sigma half) from the conditional branch. t: (B,) or scalar."""
-    if null_class is None:
-        null_class = getattr(model, "num_classes", None)
-    if null_class is None:
-        raise ValueError("cfg_scale != 1 needs null_class (or a model with .num_classes)")
-    t = torch.as_tensor(t, device=x.device)
-    t = t.expand(x.shape[0]) if t.dim() == 0 else t
-    out = model_output(model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]),
-                        **model_kwargs))
-    cond, uncond = out.chunk(2)
-    c = cond.shape[1] if guided_channels is None else guided_channels
-    guided = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])
-    return guided if c == cond.shape[1] else torch.cat([guided, cond[:, c:]], dim=1)
-
-
-def paper_guided_channels(model, guided_channels="auto") -> int | None:
-    """The channels CFG guides: "auto" -> the loaded paper checkpoint's (model.interop; DiT/SiT: 3,
-    REPA: all) or all; None -> all; an int k -> the first k."""
-    if guided_channels == "auto":
-        interop = getattr(model, "interop", None)
-        return getattr(interop, "guided_channels", None)
-    if guided_channels is not None and (not isinstance(guided_channels, int) or isinstance(guided_channels, bool)
-                                        or guided_channels < 1):
-        raise ValueError(f"guided_channels must be 'auto', None or a positive int, got {guided_channels!r}")
-    return guided_channels
-
-
-def guided_velocity(model, x, t: float, y, *, cfg_scale: float = 1.0, guidance_interval=(0.0, 1.0),
-                    null_class: int | None = None, guided_channels: int | None = None, guide: bool | None = None,
-                    **model_kwargs) -> torch.Tensor:
-    """The velocity, guided (cfg_forward) when t lies in [low, high] and s != 1, else the conditional
-    one; a learned-sigma half of the output is dropped (the samplers need only the mean).
-    guided_channels: the first k channels are guided (None: all). guide: force the decision (Heun's
-    corrector takes the one made at its step's t_cur)."""
-    low, high = guidance_interval
-    if guide is None:
-        guide = low <= t <= high
-    if cfg_scale == 1.0 or y is None or not guide:
-        tv = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
-        out = model_output(model(x, tv, y, **model_kwargs))
-    else:
-        c = x.shape[1] if guided_channels is None else min(guided_channels, x.shape[1])
-        out = cfg_forward(model, x, float(t), y, cfg_scale, null_class=null_class, guided_channels=c,
-                          **model_kwargs)
-    return mean_prediction(out, x)
-
-
-def model_output(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def predicts_noise(model) -> bool:
-    """Whether the network predicts DDPM noise (an official DiT checkpoint), not a velocity."""
-    return getattr(getattr(model, "interop", None), "prediction", "velocity") == "eps"
-
-
-# -----------------------------------------------------------------------------------------------
-# Samplers
-# -----------------------------------------------------------------------------------------------
-
-
-def _state_dtype(x: torch.Tensor) -> torch.dtype:
-    # REPA integrates in float64; MPS has none
-    return torch.float32 if x.device.type == "mps" else torch.float64
-
-
-@torch.no_grad()
-def sample(model, y=None, shape=None, *, noise: torch.Tensor | None = None, sampler: str | None = None,
-           steps: int | None = None, cfg_scale: float = 1.0, guidance_interval=(0.0, 1.0), guided_channels="auto",
-           null_class: int | None = None, generator: torch.Generator | None = None, clamp=None, device=None,
-           sde_last_step: float | None = SDE_LAST_STEP, heun_last_corrector: bool = False, guidance_at: str = "t_cur",
-           **model_kwargs) -> torch.Tensor:
-    """Draw samples x_0 from `model(x, t, y) -> v` starting at x_1 = noise ~ N(0, I).
-
-    `shape` is the full (B, C, H, W) (or (B, D)) when `noise` is not given. sampler: one of SAMPLERS;
-    default "heun", or "ddpm" for a noise-predicting model (an official DiT checkpoint: then "ddpm" and
-    "ddim" only, on `steps` respaced steps, default 250). steps: default 50 for the flow samplers.
-    `clamp` is a value range to clamp the result to (None, the default: no clamping, as for latents).
-    `generator` drives the initial and the SDE / DDPM noise. The grid and guidance options are those
-    of the module docstring.
-    """
-    eps_model = predicts_noise(model)
-    if sampler is None:
-        sampler = "ddpm" if eps_model else "heun"
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sample: sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if eps_model != (sampler not in FLOW_SAMPLERS):
-        what = "predicts DDPM noise (DiT)" if eps_model else "predicts a velocity"
-        ok = "ddpm, ddim" if eps_model else ", ".join(FLOW_SAMPLERS)
-        raise ValueError(f"sample: sampler {sampler!r} does not fit this model, which {what}; use one of {ok}")
-    if steps is None:
-        steps = 250 if eps_model else 50
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"sample: steps must be a positive int, got {steps!r}")
-    low, high = guidance_interval
-    if not (0.0 <= low <= high <= 1.0):
-        raise ValueError(f"sample: guidance_interval must satisfy 0 <= low <= high <= 1, got {guidance_interval}")
-    if guidance_at not in ("t_cur", "t_next"):
-        raise ValueError(f"sample: guidance_at must be 't_cur' or 't_next', got {guidance_at!r}")
-    if sde_last_step is not None and not (0.0 < sde_last_step < 1.0):
-        raise ValueError(f"sample: sde_last_step must lie in (0, 1) or be None, got {sde_last_step!r}")
-    gc = paper_guided_channels(model, guided_channels)
-    if null_class is None:
-        null_class = getattr(model, "num_classes", None)
-    if noise is None:
-        if shape is None:
-            raise ValueError("sample: give either noise or shape")
-        noise = torch.randn(tuple(shape), generator=generator,
-                            device=generator.device if generator is not None else (device or "cpu"))
-    x = noise.to(device) if device is not None else noise.clone()
-    if y is not None and y.shape[0] != x.shape[0]:
-        raise ValueError(f"sample: y has {y.shape[0]} labels for {x.shape[0]} samples")
-
-    if eps_model:
-        from .diffusion import diffusion_sample
-
-        if tuple(guidance_interval) != (0.0, 1.0):
-            raise ValueError("sample: guidance_interval applies to the flow samplers; DDPM/DDIM guide every step")
-        x = diffusion_sample(model, y, x, sampler=sampler, steps=steps, cfg_scale=cfg_scale, guided_channels=gc,
-                             null_class=null_class, generator=generator, **model_kwargs)
-        return x.clamp(clamp[0], clamp[1]) if clamp is not None else x
-
-    in_dtype = x.dtype
-
-    def vel(x_, t_, guide=None):
-        return guided_velocity(model, x_.to(in_dtype), t_, y, cfg_scale=cfg_scale, guidance_interval=guidance_interval,
-                               null_class=null_class, guided_channels=gc, guide=guide,
-                               **model_kwargs).to(x_.dtype)
-
-    def in_interval(t_):
-        return low <= t_ <= high
-
-    def noise_like(x_):
-        gen_dev = generator.device if generator is not None else x_.device
-        z = torch.randn(x_.shape, generator=generator, device=gen_dev)  # float32 draws, as before
-        return z.to(device=x_.device, dtype=x_.dtype)
-
-    x = x.to(_state_dtype(x))
-    if sampler == "euler-maruyama" and sde_last_step is not None:
-        # REPA's grid: linspace(1, last, steps) then 0; the last step is the drift's mean, no noise
-        ts = torch.linspace(1.0, sde_last_step, steps, dtype=torch.float64).tolist() + [0.0]
-    else:
-        ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
-    for i in range(steps):
-        t, t_next = ts[i], ts[i + 1]
-        h = t - t_next
-        last = i == steps - 1
-        v = vel(x, t)
-        if sampler == "euler":
-            x = x - h * v
-        elif sampler == "heun":
-            x_pred = x - h * v
-            if last and not heun_last_corrector:
-                x = x_pred
-            else:
-                guide = in_interval(t) if guidance_at == "t_cur" else None
-                x = x - 0.5 * h * (v + vel(x_pred, t_next, guide))
-        elif last and sde_last_step is None:
-            x = x - h * v  # the earlier grid: a plain Euler step into t = 0
-        else:
-            x = x - h * ((2.0 - t) * v + x)  # drift v - (w/2) s with w = 2t
-            if not last:
-                x = x + math.sqrt(2.0 * t * h) * noise_like(x)
-    x = x.to(in_dtype)
-    if clamp is not None:
-        x = x.clamp(clamp[0], clamp[1])
-    return x
-
-
-# -----------------------------------------------------------------------------------------------
-# Images
-# -----------------------------------------------------------------------------------------------
-
-
-def to_uint8(images: torch.Tensor, value_range=(-1.0, 1.0)) -> torch.Tensor:
-    """(B, C, H, W) in value_range -> uint8 (B, H, W, C)."""
-    lo, hi = value_range
-    x = ((images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
-    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def save_grid(images: torch.Tensor, path: str, nrow: int | None = None, value_range=(-1.0, 1.0),
-              min_cell: int = 32) -> str:
-    """Write a PNG grid of (B, C, H, W) images; small images are enlarged (nearest) to >= min_cell px."""
-    try:
-        from PIL import Image
-    except ImportError as e:  # pragma: no cover - pillow is in the train extra
-        raise RuntimeError("save_grid needs pillow (pip install pillow)") from e
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"save_grid: images must be (B, 1|3, H, W), got {tuple(images.shape)}")
-    b, c, h, w = images.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(b)))
-    ncol = math.ceil(b / nrow)
-    scale = max(1, math.ceil(min_cell / max(h, w)))
-    pad = 1
-    u8 = to_uint8(images, value_range)
-    grid = torch.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=torch.uint8)
-    for i in range(b):
-        r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = u8[i]
-    arr = grid.numpy()
-    img = Image.fromarray(arr[..., 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
-    return path
-
-
-# -----------------------------------------------------------------------------------------------
-# CLI
-# -----------------------------------------------------------------------------------------------
+from .checkpoint import CheckpointError, load_checkpoint
+from .cli import check_backend_arg
+from .convert import load_official
+from .guidance import predicts_noise
+from .images import save_grid
+from .methods import ConfigError, Method
+from .presets import add_preset_arg, announce, apply_preset
+from .rebuild import generator_from_checkpoint
+from .samplers import SAMPLERS, SDE_LAST_STEP
+from .vae import VAEError, decode_latents, load_vae, save_pngs, to_uint8_nhwc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,8 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=None, metavar="DIR",
                    help="a local diffusers AutoencoderKL folder: decode the latents (/ 0.18215) and write "
                         "<out>_png/*.png, the grid <out>_decoded.png and <out>_images.npz (uint8 arr_0, ADM's layout)")
-    from .presets import add_preset_arg
-
     add_preset_arg(p)
     return p
 
@@ -327,15 +79,6 @@ def _positive(p, name, value):
 
 
 def main(argv=None) -> int:
-    import numpy as np
-
-    import effkernels
-
-    from .checkpoint import CheckpointError, generator_from_checkpoint, load_checkpoint
-    from .cli import check_backend_arg
-    from .methods import ConfigError
-    from .presets import announce, apply_preset
-
     p = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     preset, installed = apply_preset(p, argv, kind="sample")  # a paper's sampler settings as defaults
@@ -361,9 +104,6 @@ def main(argv=None) -> int:
     check_backend_arg(p, args.backend, args.device)
     try:
         if args.official:
-            from .convert import load_official
-            from .methods import Method
-
             model = load_official(args.ckpt, args.official, flavor=args.flavor, key="model" if args.no_ema else None)
             method, models, meta = Method(), {"backbone": model}, {"value_range": None}
         else:
@@ -422,8 +162,6 @@ def main(argv=None) -> int:
     if images.shape[1] in (1, 3) and value_range is not None:
         print(f"wrote {save_grid(images[:256], args.out + '.png', value_range=value_range)}")
     if args.vae:
-        from .vae import VAEError, decode_latents, load_vae, save_pngs, to_uint8_nhwc
-
         try:
             decoded = decode_latents(load_vae(args.vae, device=args.device), images, batch_size=min(args.batch_size, 32))
         except (VAEError, ValueError) as e:

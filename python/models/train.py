@@ -29,15 +29,21 @@ import time
 import torch
 from torch import nn
 
+import effkernels
+
 from . import ddp
+from .backbone import CONFIGS, DiT, build
+from .batches import SHUFFLES, collate, global_indices, hflip_mask, make_loader, step_keys
 from .checkpoint import CheckpointError, capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .cli import check_backend_arg
 from .data import DataError, load_dataset
 from .ema import EMA
-from .latents import SHUFFLES, collate, global_indices, hflip_mask, make_loader, step_keys
+from .guidance import predicts_noise
+from .images import save_grid
 from .methods import (METHODS, ConfigError, add_method_args, build_method, parse_spec,  # noqa: F401 (re-exported)
                       register_method)
 from .presets import add_preset_arg, announce, apply_preset, missing_requirements
+from .metrics import Evaluator
 from .runlog import MetricsLog, Progress, plot_curves
 
 # -----------------------------------------------------------------------------------------------
@@ -129,8 +135,6 @@ def stale_temp_files(path: str) -> list[str]:
 
 class Trainer:
     def __init__(self, args, ds=None):
-        from .backbone import build
-
         self.args = args
         self.device = torch.device(args.device)
         self.dist = ddp.init_from_env(self.device.type)
@@ -362,9 +366,6 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, grid_path: str | None = None) -> dict:
         """FD and class accuracy of samples from the EMA generator (the method's sampler); rank 0 only."""
-        from .metrics import Evaluator
-        from .sample import predicts_noise, save_grid
-
         if self.evaluator is None:
             # a streamed folder's reference set is a fixed subset held in memory (at most 4096 samples)
             self.evaluator = Evaluator(self.ds.in_memory() if getattr(self.ds, "streamed", False) else self.ds)
@@ -526,8 +527,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     missing = missing_requirements(preset, a)
     if missing:
         p.error(f"--preset {preset.name} needs {'; '.join(missing)}")
-    from .backbone import CONFIGS, DiT
-
     if a.model not in CONFIGS:
         p.error(f"--model {a.model!r} is unknown; known: {', '.join(CONFIGS)}")
     for name in ("steps", "batch_size", "eval_samples", "eval_steps", "log_every"):
@@ -565,8 +564,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    import effkernels
-
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ddp
 from ..backbone import TimestepEmbedder
 from . import register_method
 from .base import AuxModule, ConfigError
@@ -219,8 +220,6 @@ class ACT(CT):
 
     def update_p(self, r1: float) -> None:
         """R1 EMA (0.93) over processes against the threshold: p up a step above it, down below; in [0, 1]."""
-        from .. import ddp
-
         r1 = ddp.all_reduce_mean(r1)
         self.r1_ema = 0.93 * self.r1_ema + 0.07 * r1
         self.p += self.ada_step if self.r1_ema > self.ada_target else -self.ada_step

@@ -39,7 +39,7 @@ Hooks
   sample(models, y, noise, **opts) -> images
                                     generation for evaluation and effkernels-sample; models holds the
                                     EMA "backbone" and the EMA generator modules. Default: the ODE
-                                    sampler of effkernels.models.sample on the backbone.
+                                    sampler of effkernels.models.samplers on the backbone.
   eval_samplers() -> {suffix: opts}  the samplers the trainer's evaluation reports, each as keyword
                                     overrides for sample(); metrics get the suffix (CT: "" = one
                                     step, "_2step" = two). Default {"": {}}.
@@ -73,6 +73,7 @@ import torch
 from torch import nn
 
 from ..objectives import FlowMatching
+from ..samplers import sample
 
 
 # The backbone's forward options that decide which tokens it sees (a token plan).
@@ -147,8 +148,6 @@ class Method:
     # --- generation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, models: dict, y, noise, **opts) -> torch.Tensor:
-        from ..sample import sample
-
         return sample(models["backbone"], y, noise=noise, **opts)
 
     def eval_samplers(self) -> dict:

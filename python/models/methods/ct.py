@@ -32,6 +32,7 @@ import math
 
 import torch
 
+from ..lpips_distance import LPIPSDistance
 from ..objectives import mean_prediction
 from . import register_method
 from .base import ConfigError, Method, draw_label_dropout
@@ -172,8 +173,6 @@ class CT(Method):
         """Build the LPIPS network from --lpips-vgg once. Not in __init__: effkernels-sample rebuilds
         the method from a checkpoint's options and never needs the distance (or the VGG file)."""
         if self.lpips is None and self.distance == "lpips":
-            from ..lpips_distance import LPIPSDistance
-
             self.lpips = LPIPSDistance(self.lpips_vgg, size=self.lpips_size)
         return self.lpips
 

@@ -25,7 +25,7 @@ class DiTObjective(Method):
         super().__init__(model, args)
         self.ddpm = DDPMObjective(GaussianDiffusion(learn_sigma=bool(getattr(model, "learn_sigma", True))))
         if model is not None:
-            # What the network predicts, read by effkernels.models.sample (and deep-copied into the
+            # What the network predicts, read by effkernels.models.samplers (and deep-copied into the
             # EMA): sample() runs DDPM/DDIM on it, so Method's default sampler and TREAD's both work.
             model.interop = Interop("dit", "eps", f"DDPM steps 0..{NUM_STEPS - 1} (0 = least noise)", None,
                                     "effkernels")

@@ -36,6 +36,7 @@ from effkernels.nn.routing import TokenPack, draw_ratios
 
 from ..backbone import get_2d_sincos_pos_embed, modulated_linear
 from ..objectives import interpolate, mean_prediction, velocity_target
+from ..samplers import sample
 from . import register_method
 from .base import ConfigError, Method, draw_label_dropout
 from .tread import parse_ratio_range
@@ -253,8 +254,6 @@ class MaskDiT(Method):
 
     @torch.no_grad()
     def sample(self, models, y, noise, **opts):
-        from ..sample import sample
-
         return sample(MaskDiTGenerator(models["backbone"], models["decoder"]), y, noise=noise, **opts)
 
 

@@ -32,7 +32,8 @@ from effkernels.nn.routing import TokenPack, check_ratio_range, draw_ratios, kee
 
 from ..backbone import Route
 from ..objectives import mean_prediction
-from ..sample import model_output, sample
+from ..guidance import model_output
+from ..samplers import sample
 from . import register_method
 from .base import ConfigError, Method
 
