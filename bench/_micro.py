@@ -12,8 +12,10 @@ case checks its output (and gradients) against the reference's, so a timed row i
 
 Shapes (full mode): B x N x D with N = 256 tokens at D = 384, 768, 1152 (DiT-S, B, XL widths) and
 N = 1024 at D = 1152; B is chosen per shape so that the (B, N, D) fp32 activation is at least twice
-the last-level cache (read from sysfs, 32 MiB if unknown): smaller, and the bandwidth figure would
-be a cache figure. Under --benchmark-disable (CI) one tiny shape, 1 thread.
+the last-level cache (on a GPU its L2, else the CPU's, read from sysfs, 32 MiB if unknown): smaller,
+and the bandwidth figure would be a cache figure. Under --benchmark-disable (CI) one tiny shape, 1
+thread. `--micro-shapes 256x1152,2x16x32` (the conftest's option) runs only the listed shapes: NxD
+takes B from the cache rule, BxNxD names B (scripts/gpu_check.sh sizes its run so).
 
 Bytes: each case writes down the bytes the op must move at the least (every input read once, every
 output written once; index tensors included), so `extra_info` holds bytes, the achieved GB/s of
@@ -59,9 +61,16 @@ def llc_bytes() -> int:
     return best or 32 * 2**20
 
 
+def cache_bytes() -> int:
+    """The last-level cache of the device the cases run on: the GPU's L2, else the CPU's."""
+    if device().type == "cuda":
+        return torch.cuda.get_device_properties(device()).L2_cache_size
+    return llc_bytes()
+
+
 def batch_for(n: int, d: int, es: int = 4) -> int:
     """The batch that makes a (B, n, d) activation at least twice the last-level cache."""
-    return max(1, math.ceil(2 * llc_bytes() / (n * d * es)))
+    return max(1, math.ceil(2 * cache_bytes() / (n * d * es)))
 
 
 @dataclass
@@ -76,7 +85,28 @@ class Shape:
         return f"{self.B}x{self.N}x{self.D}"
 
 
-def shapes(ci: bool) -> list[Shape]:
+def parse_shapes(spec: str) -> list[Shape]:
+    """"256x1152,2x16x32" -> shapes: NxD (B from batch_for, heads D/64) or BxNxD (heads 4 if D < 64).
+    A bad entry is a ValueError naming --micro-shapes."""
+    out = []
+    for item in filter(None, (t.strip() for t in spec.split(","))):
+        try:
+            dims = [int(v) for v in item.split("x")]
+        except ValueError:
+            dims = []
+        if len(dims) not in (2, 3) or min(dims) < 1:
+            raise ValueError(f"--micro-shapes: bad entry {item!r} in {spec!r}; want NxD or BxNxD, e.g. 256x1152")
+        b, n, d = dims if len(dims) == 3 else (batch_for(*dims), *dims)
+        out.append(Shape(b, n, d, d // 64 if d >= 64 and d % 64 == 0 else 4))
+    if not out:
+        raise ValueError(f"--micro-shapes is empty: {spec!r}")
+    return out
+
+
+def shapes(ci: bool, only: str | None = None) -> list[Shape]:
+    """The shapes to run: `only` (parse_shapes) if given, else CI's tiny one or the full set."""
+    if only:
+        return parse_shapes(only)
     if ci:
         return [Shape(2, n, d, 4) for n, d in CI_SHAPES]
     return [Shape(batch_for(n, d), n, d, d // 64) for n, d in FULL_SHAPES]
@@ -165,7 +195,7 @@ def run(benchmark, case: Case, shape: Shape, backend: str, direction: str) -> No
     benchmark.extra_info.update(op=case.op, backend=backend, direction=direction, shape=shape.id,
                                 bytes=nbytes, compile_backend=COMPILE_BACKEND["name"] if "compile" in backend else None,
                                 dtype=str(inputs[0].dtype).replace("torch.", ""),
-                                larger_than_llc=shape.B * shape.N * shape.D * es >= llc_bytes())
+                                larger_than_llc=shape.B * shape.N * shape.D * es >= cache_bytes())
     if direction == "fwd":
         with torch.no_grad():
             benchmark(call)

@@ -2,7 +2,7 @@
 
   python bench/bench_train.py [--methods all|sit,tread,repa,...] [--model tiny/2] [--input-size 8]
                               [--channels 1] [--classes 10] [--batch 64] [--steps 5] [--warmup 1]
-                              [--repeats 3] [--backend auto] [--compile] [--out bench/out]
+                              [--repeats 3] [--backend auto[,reference]] [--compile] [--out bench/out]
   python bench/bench_train.py --whole-step --model SiT-S/2 --input-size 32 --channels 4 --classes 1000 --batch 8
 
 Methods (the default, `--methods all`): one row per registered method (effkernels.models.methods)
@@ -21,6 +21,9 @@ drawn beforehand (data loading is not timed). Variants:
                  timed steps hold none (its amortised cost is 1/16 of a double-backward D step)
 The data are random arrays of the given shape (cost does not depend on the values), written to a
 temporary .npz with the features beside them, read through the trainer's own loader.
+
+`--backend auto,reference` gives every row once per backend, in the same interleaved rounds (our
+kernels vs the pure-PyTorch reference per method); labels then end in [backend].
 
 Whole step (`--whole-step`): the dense SiT step on the auto backend and the reference backend; with
 `--compile` also torch.compile of the reference backend and torch.compile of auto.
@@ -110,10 +113,16 @@ def variants(spec: str, backend: str) -> list[Row]:
     return [Row(n, n, [], backend)]
 
 
-def method_rows(specs: list[str], backend: str, compiled: bool) -> list[Row]:
-    """SiT first (the baseline of every ratio), then each spec's variants; with --compile each row twice."""
+def method_rows(specs: list[str], backend: str | list[str], compiled: bool) -> list[Row]:
+    """SiT first (the baseline of every ratio), then each spec's variants; with --compile each row twice.
+    Several backends (`--backend auto,reference`): each variant once per backend, side by side, its
+    label ending in [backend]; the first backend's SiT is the baseline."""
     specs = ["sit"] + [s for s in specs if s != "sit"]
-    rows = [r for s in specs for r in variants(s, backend)]
+    names = [backend] if isinstance(backend, str) else list(backend)
+    rows = [r for s in specs for b in names for r in variants(s, b)]
+    if len(names) > 1:
+        for r in rows:
+            r.label += f" [{r.backend}]"
     if compiled:
         rows = [x for r in rows for x in (r, Row("compile " + r.label, r.method, r.argv, r.backend, True, r.full_teacher))]
     return rows
@@ -413,7 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per round before the timed ones")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
-    p.add_argument("--backend", default="auto", help="the methods' backend: " + ", ".join(backends.BACKENDS))
+    p.add_argument("--backend", default="auto",
+                   help="the methods' backend, or several comma-separated (rows per backend): "
+                        + ", ".join(backends.BACKENDS))
     p.add_argument("--compile", action="store_true", help="add a torch.compile row beside each eager row")
     p.add_argument("--keep", action="store_true",
                    help="build each row once and keep it for every round (all rows in memory at once; no "
@@ -440,12 +451,16 @@ def parse(argv=None):
         p.error(f"--model {a.model!r} is unknown; known: {', '.join(CONFIGS)}")
     if a.input_size % patch_size(a.model):
         p.error(f"--input-size {a.input_size} is not a multiple of {a.model}'s patch size")
-    if a.backend not in backends.BACKENDS:
-        p.error(f"--backend {a.backend!r} is unknown; known: {', '.join(backends.BACKENDS)}")
-    ok, why = (True, "") if a.backend == "auto" else backends.available(a.backend, torch.device(a.device))
-    if not ok or (a.backend == "triton" and a.device == "cpu"):
-        p.error(f"--backend {a.backend} cannot run on {a.device} here: "
-                f"{why if not ok else 'the Triton interpreter is a test tool, not timed'}")
+    a.backends = [b.strip() for b in a.backend.split(",") if b.strip()]
+    if not a.backends:
+        p.error("--backend is empty")
+    for b in a.backends:
+        if b not in backends.BACKENDS:
+            p.error(f"--backend {b!r} is unknown; known: {', '.join(backends.BACKENDS)}")
+        ok, why = (True, "") if b == "auto" else backends.available(b, torch.device(a.device))
+        if not ok or (b == "triton" and a.device == "cpu"):
+            p.error(f"--backend {b} cannot run on {a.device} here: "
+                    f"{why if not ok else 'the Triton interpreter is a test tool, not timed'}")
     if a.whole_step:
         a.specs = ["sit"]
     else:
@@ -466,7 +481,7 @@ def main(argv=None) -> int:
     a = parse(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    rows = whole_step_rows(a.compile) if a.whole_step else method_rows(a.specs, a.backend, a.compile)
+    rows = whole_step_rows(a.compile) if a.whole_step else method_rows(a.specs, a.backends, a.compile)
     m = machine()
     what = "whole dense SiT step per backend" if a.whole_step else "training step per method"
     head = (f"{what}: {a.model}, {a.channels}x{a.input_size}x{a.input_size}, {a.classes} classes, batch {a.batch}, "

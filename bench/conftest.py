@@ -2,12 +2,13 @@
 
 `pytest bench/ --benchmark-only` times DiT shapes; `pytest bench/ --benchmark-disable` (CI) runs
 each case once on a tiny shape with one thread, checking the harness and every backend's output
-against the reference, timing nothing. tests/ is collected on its own (pyproject's testpaths), so
-this folder never changes the test suite's collection.
+against the reference, timing nothing. `--micro-shapes` picks the shapes (see _micro.py). tests/ is
+collected on its own (pyproject's testpaths), so this folder never changes the test suite's collection.
 """
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # _micro, _common
@@ -20,6 +21,12 @@ def _ci(config) -> bool:
     return bool(config.getoption("benchmark_disable", False))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--micro-shapes", default=None,
+                     help="comma-separated shapes to run instead of the default set: NxD (B from the cache "
+                          "rule) or BxNxD, e.g. 256x1152,2x16x32")
+
+
 def pytest_configure(config):
     if _ci(config):
         torch.set_num_threads(1)  # tiny shapes: OpenMP start-up would dominate
@@ -28,7 +35,10 @@ def pytest_configure(config):
 
 def pytest_generate_tests(metafunc):
     if "micro_shape" in metafunc.fixturenames:
-        sh = _micro.shapes(_ci(metafunc.config))
+        try:
+            sh = _micro.shapes(_ci(metafunc.config), metafunc.config.getoption("micro_shapes"))
+        except ValueError as e:
+            raise pytest.UsageError(str(e)) from None
         metafunc.parametrize("micro_shape", sh, ids=[s.id for s in sh])
 
 
@@ -48,7 +58,7 @@ def _summary() -> tuple[list[dict], str]:
             rec = {"op": op, "direction": d, "shape": shape, "backend": b, "median_ms": r["median_s"] * 1e3,
                    "vs_reference": ref["median_s"] / r["median_s"] if ref else None,
                    "vs_compile_reference": comp["median_s"] / r["median_s"] if comp else None,
-                   "gb_per_s": r.get("gb_per_s"), "bytes": r["bytes"]}
+                   "gb_per_s": r.get("gb_per_s"), "fraction_of_peak": r.get("fraction_of_peak"), "bytes": r["bytes"]}
             rows.append(rec)
             fmt = lambda v: "-" if v is None else f"{v:.2f}"
             lines.append([f"{op} {d}", shape, b, f"{rec['median_ms']:.3f}", fmt(rec["vs_reference"]),

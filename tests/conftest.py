@@ -10,22 +10,38 @@ and no EFFKERNELS_SEED, the run draws a fresh base (printed in the header); ever
 follows from it, so `EFFKERNELS_SEED=<base> pytest '<nodeid>'` replays any one test of a fuzz run
 exactly: each test prints that line, which pytest shows with a failure's captured stdout.
 crc32, not hash(): Python salts str hashes per process.
+
+Device. The tests are written for CPU tensors (Triton under its interpreter). EFFKERNELS_TEST_DEVICE=cuda
+runs them on the GPU instead: every tensor a test makes without naming a device is made there
+(helpers.TestDevice, entered per test), and the Triton interpreter is off unless TRITON_INTERPRET
+is set, so the Triton kernels are compiled for the device. scripts/gpu_check.sh runs the kernel
+test files so. Tests that check CPU-only behaviour (the `cpp` backend, the interpreter) are not
+meant for that mode. Unset, or `cpu`: the default CPU run, unchanged.
 """
 import os
 import random
 import secrets
 import zlib
 
+import pytest
+
+TEST_DEVICE = os.environ.get("EFFKERNELS_TEST_DEVICE", "").strip()
+if TEST_DEVICE not in ("", "cpu", "cuda"):
+    raise pytest.UsageError(f"EFFKERNELS_TEST_DEVICE must be 'cpu' or 'cuda' (or unset), got {TEST_DEVICE!r}")
+
 # Must happen before anything imports triton: the interpreter is chosen at import time.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_INTERPRET", "0" if TEST_DEVICE == "cuda" else "1")
 # The interpreter runs tl.dot as np.matmul; numpy's OpenBLAS threads, contending with the other
 # core's work, made a 64x128 @ 128x64 take ~35 ms instead of ~0.03 ms (measured). Read at numpy's
 # import, so set before it.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import TestDevice  # noqa: E402
+
+if TEST_DEVICE == "cuda" and not torch.cuda.is_available():
+    raise pytest.UsageError("EFFKERNELS_TEST_DEVICE=cuda: torch sees no CUDA device here")
 
 # The suite runs tiny shapes: one intra-op thread avoids OpenMP overhead that dominates them (and
 # contention with the other core's work); measured ~20x on a tiny DiT forward here.
@@ -78,6 +94,16 @@ def _seed_everything(request):
     print(f"[seed] {request.node.nodeid}: seed={s}; replay: EFFKERNELS_SEED={BASE_SEED} "
           f"pytest '{request.node.nodeid}'")
     return s
+
+
+@pytest.fixture(autouse=True)
+def _test_device():
+    """With EFFKERNELS_TEST_DEVICE set, the test's unplaced tensors are made on that device."""
+    if not TEST_DEVICE:
+        yield
+        return
+    with TestDevice(TEST_DEVICE):
+        yield
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
-"""Shared test utilities: relative error, the project's tolerances, NaN-poisoned outputs."""
+"""Shared test utilities: relative error, the project's tolerances, NaN-poisoned outputs, and the
+tests' device (EFFKERNELS_TEST_DEVICE, see TestDevice)."""
 import torch
+from torch.utils._device import DeviceContext
 
 # Tolerances: fp32 1e-5, or 1e-4 where the kernel reduces in another order than the reference;
 # fp16 2e-3, bf16 1e-2 (and, for 16-bit inputs, at most 2x PyTorch's own error in that dtype).
@@ -44,8 +46,9 @@ def cosine_loss_scale(z_hat: torch.Tensor, z: torch.Tensor, eps: float = 1e-8) -
     return (a * b).abs().sum(-1).mean().item()
 
 
-def poison(shape, dtype, device="cpu"):
-    """An output buffer full of NaN, so a kernel that skips an element cannot pass."""
+def poison(shape, dtype, device=None):
+    """An output buffer full of NaN, so a kernel that skips an element cannot pass (device None: the
+    tests' default device, CPU unless EFFKERNELS_TEST_DEVICE says otherwise)."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
@@ -61,3 +64,25 @@ def count_index_checks(monkeypatch):
         return real(idx, num_tokens, name)
     monkeypatch.setattr(ops.routing, "check_index_values", counting)
     return calls
+
+
+class TestDevice(DeviceContext):
+    """torch's default-device mode (`with torch.device(d):`) for running the CPU-written tests on
+    another device (conftest enters it per test when EFFKERNELS_TEST_DEVICE is set, e.g. `cuda`):
+    a factory call without `device=` (torch.randn, zeros, tensor, arange, ...) makes its tensor there.
+
+    One addition: a call that draws from a CPU `torch.Generator` (the tests' seeded generators)
+    draws on the CPU with it, then moves the result, so the values (and the seeds' replay) are the
+    same on every device. Tensors placed on the CPU explicitly (`device="cpu"`, `.cpu()`) stay there.
+    """
+    __test__ = False  # not a test class, whatever its name
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        gen = kwargs.get("generator")
+        if (gen is not None and kwargs.get("device") is None and gen.device != self.device
+                and func in torch.utils._device._device_constructors()):
+            grad = kwargs.pop("requires_grad", False)
+            out = func(*args, **kwargs, device=gen.device).to(self.device)
+            return out.requires_grad_(grad) if grad else out
+        return super().__torch_function__(func, types, args, kwargs)
