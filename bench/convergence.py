@@ -28,11 +28,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import datetime
 import json
-import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -41,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+from _common import machine as common_machine  # noqa: E402
 from convergence_report import render_table, summarise, write_csv, write_plot  # noqa: E402
 
 ALL_METHODS = ("sit", "tread", "maskdit", "repa", "erw", "sra", "ct", "act")
@@ -52,32 +50,14 @@ ALL_METHODS = ("sit", "tread", "maskdit", "repa", "erw", "sra", "ct", "act")
 
 
 def machine() -> dict:
-    """What ran it: CPU model, cores (online and usable by this process), torch, the load average."""
-    import torch
-
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    """The bench's machine description (_common.machine) with the cores usable by this process and the
+    load average at the start: a run beside other jobs measures them too."""
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         usable = os.cpu_count()
-    try:
-        import effkernels
-        ver = getattr(effkernels, "__version__", "?")
-    except ImportError:
-        ver = "?"
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "effkernels": ver, "python": platform.python_version(),
-            "platform": platform.platform(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    return {**common_machine(), "usable_cores": usable,
+            "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 # -----------------------------------------------------------------------------------------------

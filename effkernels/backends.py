@@ -27,7 +27,6 @@ import threading
 import torch
 
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpp")
-KERNEL_BACKENDS = ("triton", "cuda", "cpp")
 
 # Ops whose C++ CPU path was measured faster than the reference at DiT-like sizes, forward and
 # forward+backward, fp32 and bf16 (`python bench/bench_ops.py [--backward] [--dtype bfloat16]`;

@@ -587,10 +587,10 @@ def test_revert_effkernels_is_exported_beside_apply():
     assert effkernels.models.revert_effkernels is convert.revert_effkernels
 
 
-def test_checkpoint_of_the_layout_before_the_methods_package_resumes(tmp_path):
+def test_a_checkpoint_without_the_method_entry_is_a_clear_error(tmp_path, capsys):
     assert _run(tmp_path, "sit", 1) == 0
     ck = load_checkpoint(str(tmp_path / "last.pt"))
-    ck["method"], ck["method_state"] = {}, {}  # how effkernels-train wrote it before
+    del ck["method"]
     save_checkpoint(ck, str(tmp_path / "last.pt"))
-    assert _run(tmp_path, "sit", 2, "--resume", "auto") == 0
-    assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == 2
+    assert _run(tmp_path, "sit", 2, "--resume", "auto") == 2
+    assert "has no method entry" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 import effkernels
+from effkernels.backends import BACKENDS
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .cli import check_backend_arg
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "cuda", "cpp"))
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--vae", default=None, metavar="DIR",
                    help="a local diffusers AutoencoderKL folder: decode the latents (/ 0.18215) and write "
                         "<out>_png/*.png, the grid <out>_decoded.png and <out>_images.npz (uint8 arr_0, ADM's layout)")

@@ -9,12 +9,13 @@ network called in the noise's dtype, as REPA's samplers do.
 Grids, as REPA's samplers (the published FIDs' ones) by default:
   euler  `steps` uniform steps from 1 to 0.
   heun   the same grid, Heun's corrector on every step but the last (a plain Euler step into t = 0,
-         where REPA skips it), guidance decided at the step's t_cur for both evaluations
-         (`heun_last_corrector=True`, `guidance_at="t_next"`: the earlier behaviour of this library).
+         where REPA skips it), guidance decided at the step's t_cur for both evaluations.
+         `heun_last_corrector=True` applies the corrector on the last step too; `guidance_at="t_next"`
+         lets the corrector decide guidance at its own t (t_next).
   euler-maruyama  steps - 1 Euler-Maruyama steps on a uniform grid from 1 to `sde_last_step` (0.04),
          then one noise-free step of that length whose drift includes the score term (SiT's "Mean"
          last step, REPA's `mean_x`). `sde_last_step=None`: `steps` uniform steps to 0, the last a plain
-         Euler ODE step (the earlier behaviour).
+         Euler ODE step.
 
 SDE. The forward-in-t SDE  dx = [v + (w/2) s] dt + sqrt(w) dW  has the same marginals as the ODE
 dx = v dt (its Fokker-Planck terms -(w/2) div(p s) + (w/2) lap p cancel, since p s = grad p). Its
@@ -137,7 +138,7 @@ def sample(model, y=None, shape=None, *, noise: torch.Tensor | None = None, samp
                 guide = in_interval(t) if guidance_at == "t_cur" else None
                 x = x - 0.5 * h * (v + vel(x_pred, t_next, guide))
         elif last and sde_last_step is None:
-            x = x - h * v  # the earlier grid: a plain Euler step into t = 0
+            x = x - h * v  # sde_last_step=None: a plain Euler step into t = 0
         else:
             x = x - h * ((2.0 - t) * v + x)  # drift v - (w/2) s with w = 2t
             if not last:

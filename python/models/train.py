@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import effkernels
+from effkernels.backends import BACKENDS
 
 from . import ddp
 from .backbone import CONFIGS, DiT, build
@@ -236,8 +237,8 @@ class Trainer:
                               f"--method {self.args.method!r}; resume with the same method")
         m = ck.get("method")
         if not isinstance(m, dict) or "modules" not in m:
-            # the layout before the methods package: the method's modules flat, its state beside them
-            m = {"modules": m or {}, "state": ck.get("method_state") or {}}
+            raise CheckpointError(f"checkpoint {path!r} has no method entry (modules, ema, aux, state): it was not "
+                                  "written by this effkernels-train")
         own = self.method.state_dict()
         for what, have, need in (("modules", m.get("modules", {}), self.modules.state_dict()),
                                  ("EMA modules", m.get("ema", {}), dict.fromkeys(self.method.generator_modules)),
@@ -499,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per block")
-    p.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "cuda", "cpp"))
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--model-kwargs", default="{}", help="JSON dict of backbone overrides, e.g. '{\"depth\": 4}'")
