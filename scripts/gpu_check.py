@@ -92,7 +92,10 @@ def sizes(dry: bool, gpu_mem_gib: float) -> dict:
     bs, bxl = ("256", "64") if big else ("128", "32")
     timing = ["--steps", "3", "--warmup", "1", "--repeats", "2"]
     return {
-        "triton_tests": list(TRITON_TEST_FILES),
+        # deselected: it counts Python-level Tensor.__bool__ calls, which the tests' device mode (a torch
+        # function mode, helpers.TestDevice) sees twice; measured with EFFKERNELS_TEST_DEVICE=cpu, where
+        # it is the one test of these files that fails under the mode (381 pass)
+        "triton_tests": [*TRITON_TEST_FILES, "--deselect", "tests/test_routing.py::test_check_route_index_syncs_once"],
         "train_model": ["--model", "SiT-S/2"],
         "train_data": {"batch": 32, "classes": 1000, "channels": 4, "input_size": 32, "model": "SiT-S/2"},
         "train_steps": 5, "train_specs": None, "train_parallel": 4,  # None: every method and composition
