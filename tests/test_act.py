@@ -55,7 +55,7 @@ def test_disjoint_halves(seed):
 
 
 def test_adaptive_augmentation_moves_p_both_ways(monkeypatch):
-    act = ACT(build("tiny/2", depth=1, hidden_size=32, num_heads=2), argparse.Namespace(ada_target=1.0, ada_step=0.3))
+    act = ACT(build("tiny/2", depth=1, hidden_size=32, num_heads=2), argparse.Namespace(steps=100, ada_target=1.0, ada_step=0.3))
     for _ in range(6):
         act.update_p(100.0)  # R1 far above the threshold
     assert act.p == 1.0

@@ -109,7 +109,7 @@ def test_sparse_guidance_uses_two_conditional_branches(seed):
         return orig(x, t, y, **kw)
 
     model.forward = spy
-    sg = SparseGuided(model, [Route(2, 4, 0.5)], scale=1.5)
+    sg = SparseGuided(model, [Route(2, 4, 0.5)], scale=1.5, strong=0.3, weak=0.7)
     x, t, y = torch.randn(4, 1, 8, 8), torch.full((4,), 0.6), torch.tensor([1, 2, 3, 4])
     v = sg(x, t, y)
     assert [r for _, r in seen] == [[0.3], [0.7]]
@@ -229,4 +229,4 @@ def test_sparse_guidance_rates_are_options(seed):
     with pytest.raises(ConfigError, match="go with --sparse-guidance"):
         m.sample({"backbone": model}, y, noise, steps=1, sparse_guidance_weak=0.5)
     with pytest.raises(ConfigError, match="--sparse-guidance-weak"):
-        SparseGuided(model, [Route(2, 4, 0.5)], weak=1.0)
+        SparseGuided(model, [Route(2, 4, 0.5)], 1.5, strong=0.3, weak=1.0)

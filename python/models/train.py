@@ -112,7 +112,7 @@ def generator_optimizer_settings(method, args) -> dict:
     """The generator AdamW's betas, eps and weight decay: the trainer's (0.9, 0.999), 1e-8, 0, then what
     the method needs (Method.generator_optimizer), then --adam-betas."""
     kw = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, **method.generator_optimizer()}
-    if getattr(args, "adam_betas", None) is not None:
+    if args.adam_betas is not None:
         kw["betas"] = tuple(args.adam_betas)
     kw["betas"] = tuple(float(b) for b in kw["betas"])
     return kw
@@ -187,7 +187,7 @@ class Trainer:
         """Streamed latent folders read the raw image only when a method asks for it, and flip in the
         worker; in-memory data flips here, and only arrays with an image layout can be mirrored."""
         a = self.args
-        shuffle, hflip = getattr(a, "shuffle", "replacement"), getattr(a, "hflip", False)
+        shuffle, hflip = a.shuffle, a.hflip
         if shuffle == "epoch" and len(self.ds) < a.batch_size:
             raise ConfigError(f"--shuffle epoch needs at least one full batch: --data {a.data!r} has "
                               f"{len(self.ds)} samples, --batch-size is {a.batch_size}")
@@ -273,14 +273,14 @@ class Trainer:
         with the data set's extra per-sample arrays under their names. `cpu`: that shard already read
         by the data loader's workers (streamed latent folders)."""
         a, rank, world = self.args, self.dist.rank, self.dist.world_size
-        shuffle, per = getattr(a, "shuffle", "replacement"), a.batch_size // world
+        shuffle, per = a.shuffle, a.batch_size // world
         if cpu is None and getattr(self.ds, "streamed", False):
             cpu = collate([self.ds[k] for k in step_keys(len(self.ds), a.batch_size, a.seed, step,
                                                          shuffle=shuffle, rank=rank, world=world)])
         elif cpu is None:
             idx = global_indices(len(self.ds), a.batch_size, a.seed, step, shuffle)[rank * per:(rank + 1) * per]
             cpu = {"x": self.ds.x[idx], "y": self.ds.y[idx], **{k: self.ds.extras[k][idx] for k in self.method.batch_keys}}
-            if getattr(a, "hflip", False):
+            if a.hflip:
                 m = hflip_mask(a.batch_size, a.seed, step)[rank * per:(rank + 1) * per].view(-1, 1, 1, 1)
                 cpu = {k: torch.where(m, v.flip(-1), v) if v.dim() == 4 else v for k, v in cpu.items()}
         g = torch.Generator(device=self.device).manual_seed(
@@ -293,9 +293,9 @@ class Trainer:
         """The batches of steps start..stop-1: streamed folders through a DataLoader with
         --data-workers processes (a bounded number of batches ahead), else read here step by step."""
         a = self.args
-        workers = getattr(a, "data_workers", 0)
+        workers = a.data_workers
         if getattr(self.ds, "streamed", False) and workers:
-            loader = make_loader(self.ds, a.batch_size, a.seed, start, stop, shuffle=getattr(a, "shuffle", "replacement"),
+            loader = make_loader(self.ds, a.batch_size, a.seed, start, stop, shuffle=a.shuffle,
                                  rank=self.dist.rank, world=self.dist.world_size, workers=workers,
                                  pin=self.device.type == "cuda")
             for step, cpu in enumerate(loader, start):
@@ -410,7 +410,7 @@ class Trainer:
                       f"(--ema {want} --ema-no-warmup, or --preset); this run: --ema {a.ema}"
                       f"{'' if a.ema_no_warmup else ' with warm-up'}", flush=True)
         if main and self.opt_settings["betas"] != (0.9, 0.999):
-            src = "--adam-betas" if getattr(a, "adam_betas", None) is not None else f"--method {a.method}"
+            src = "--adam-betas" if a.adam_betas is not None else f"--method {a.method}"
             print(f"generator optimizer: AdamW betas {self.opt_settings['betas']} ({src})", flush=True)
         final = {}
 

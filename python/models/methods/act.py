@@ -33,6 +33,7 @@ steps) to go from 0 to 1.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ from ..backbone import TimestepEmbedder
 from . import register_method
 from .base import AuxModule, ConfigError
 from .ct import CT
+from .options import add_options, opt, read_options
 
 
 class Discriminator(nn.Module):
@@ -99,53 +101,56 @@ def augment(x: torch.Tensor, p: float, generator=None) -> torch.Tensor:
     return (x - mean) * contrast + mean + bright
 
 
+@dataclass
+class ACTOptions:
+    act_lambda: float | None = opt(None, "adversarial weight in the generator loss (its value at sigma_max when "
+                                         "t-weighted); default 0.3 constant (CIFAR), 0.6 t-weighted (ImageNet64)",
+                                   type=float)
+    act_lambda_schedule: str = opt("constant", "constant lambda, or ACT's ImageNet lambda(t) = lambda "
+                                               "u(t)^log2(lambda/mid), u the Karras-grid position of t in [0, 1] (also "
+                                               "weights D's losses and R1 per image)", choices=("constant", "t-weighted"))
+    act_lambda_mid: float = opt(0.2, "t-weighted: lambda at the middle of the grid (u = 1/2); 0 < mid <= lambda")
+    act_d_lr: float = opt(1e-4, "discriminator learning rate")
+    act_d_width: int = opt(64, "discriminator base width")
+    r1_every: int = opt(16, "R1 penalty every N steps")
+    r1_lazy_scale: bool = opt(False, "multiply R1 by --r1-every (StyleGAN2's lazy regularisation; ACT's release does "
+                                     "not)", action="store_true")
+    r1_gamma: float = opt(10.0, "R1 weight gamma (the penalty is gamma / 2 E||grad D(real)||^2)")
+    ada_target: float = opt(0.01, "R1 EMA threshold of the adaptive augmentation (above: p rises; below: p falls)")
+    ada_step: float = opt(0.02, "change of p per R1 evaluation")
+
+
 @register_method("act")
 class ACT(CT):
     """CT's generator loss mixed with a non-saturating adversarial term; a t-conditioned discriminator."""
 
     @staticmethod
     def add_args(group) -> None:
-        group.add_argument("--act-lambda", type=float, default=None,
-                           help="adversarial weight in the generator loss (its value at sigma_max when t-weighted); "
-                                "default 0.3 constant (CIFAR), 0.6 t-weighted (ImageNet64)")
-        group.add_argument("--act-lambda-schedule", choices=("constant", "t-weighted"), default="constant",
-                           help="constant lambda, or ACT's ImageNet lambda(t) = lambda u(t)^log2(lambda/mid), u the "
-                                "Karras-grid position of t in [0, 1] (also weights D's losses and R1 per image)")
-        group.add_argument("--act-lambda-mid", type=float, default=0.2,
-                           help="t-weighted: lambda at the middle of the grid (u = 1/2); 0 < mid <= lambda")
-        group.add_argument("--act-d-lr", type=float, default=1e-4, help="discriminator learning rate")
-        group.add_argument("--act-d-width", type=int, default=64, help="discriminator base width")
-        group.add_argument("--r1-every", type=int, default=16, help="R1 penalty every N steps")
-        group.add_argument("--r1-lazy-scale", action="store_true",
-                           help="multiply R1 by --r1-every (StyleGAN2's lazy regularisation; ACT's release does not)")
-        group.add_argument("--r1-gamma", type=float, default=10.0)
-        group.add_argument("--ada-target", type=float, default=0.01,
-                           help="R1 EMA threshold of the adaptive augmentation (above: p rises; below: p falls)")
-        group.add_argument("--ada-step", type=float, default=0.02, help="change of p per R1 evaluation")
+        add_options(group, ACTOptions)
 
     def __init__(self, model=None, args=None):
         super().__init__(model, args)
-        g = lambda k, d: getattr(args, k, d)  # noqa: E731
-        self.schedule = g("act_lambda_schedule", "constant") or "constant"
+        o = read_options(ACTOptions, args)
+        self.schedule = o.act_lambda_schedule
         if self.schedule not in ("constant", "t-weighted"):
             raise ConfigError(f"--act-lambda-schedule must be constant or t-weighted, got {self.schedule!r}")
-        lam = g("act_lambda", None)
+        lam = o.act_lambda
         self.lam = float(lam) if lam is not None else (0.3 if self.schedule == "constant" else 0.6)
-        self.lam_mid = float(g("act_lambda_mid", 0.2))
+        self.lam_mid = float(o.act_lambda_mid)
         if self.schedule == "t-weighted" and not 0 < self.lam_mid <= self.lam:
             raise ConfigError(f"--act-lambda-schedule t-weighted needs 0 < --act-lambda-mid <= --act-lambda, got "
                               f"{self.lam_mid} and {self.lam}")
         # the exponent log_{1/2}(mid / lambda): u = 1/2 gives lambda * (1/2)^e = mid
         self.lam_exp = math.log2(self.lam / self.lam_mid) if self.schedule == "t-weighted" else 0.0
-        self.r1_every, self.r1_gamma = int(g("r1_every", 16)), float(g("r1_gamma", 10.0))
-        self.r1_scale = float(self.r1_every) if g("r1_lazy_scale", False) else 1.0
-        self.ada_target, self.ada_step = float(g("ada_target", 0.01)), float(g("ada_step", 0.02))
+        self.r1_every, self.r1_gamma = int(o.r1_every), float(o.r1_gamma)
+        self.r1_scale = float(self.r1_every) if o.r1_lazy_scale else 1.0
+        self.ada_target, self.ada_step = float(o.ada_target), float(o.ada_step)
         if not 0 <= self.lam <= 1:
             raise ConfigError(f"--act-lambda must lie in [0, 1], got {self.lam}")
         if self.r1_every < 1 or self.r1_gamma < 0 or self.ada_step < 0:
             raise ConfigError("--r1-every must be >= 1, --r1-gamma and --ada-step >= 0")
-        self.disc = Discriminator(model.in_channels, int(g("act_d_width", 64)))
-        self.d_lr = float(g("act_d_lr", 1e-4))
+        self.disc = Discriminator(model.in_channels, int(o.act_d_width))
+        self.d_lr = float(o.act_d_lr)
         self.p, self.r1_ema = 0.0, 0.0
 
     def aux_modules(self):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -36,8 +37,48 @@ from ..lpips_distance import LPIPSDistance
 from ..objectives import mean_prediction
 from . import register_method
 from .base import ConfigError, Method, draw_label_dropout
+from .options import add_options, opt, read_options
 
 NOISE_COND = {"cm": lambda s: 250.0 * torch.log(s), "raw": lambda s: s, "ect": lambda s: torch.log(s) / 4}
+
+
+@dataclass
+class CTOptions:
+    ct_sigma_min: float = opt(0.002, "the smallest sigma of the grid (f(x, sigma_min) = x)")
+    ct_sigma_max: float = opt(80.0, "the largest sigma of the grid (one-step sampling starts there)")
+    ct_sigma_data: float = opt(0.5, "sigma_data of the CM scalings")
+    ct_rho: float = opt(7.0, "rho of the Karras grid")
+    ct_s0: int = opt(2, "grid points at the start (N grows s0 -> s1)")
+    ct_s1: int | None = opt(None, "grid points at the end; default CIFAR's 150 for widths >= 384, 10 for the tiny models "
+                                  "(measured on digits: with 150 a 1000-step run learns nothing)", type=int)
+    ct_mu0: float | None = opt(None, "target EMA decay at N = s0; default 0.9 (CM) for widths >= 384, 0 for the tiny "
+                                     "models (iCT's target: the online weights without grad)", type=float)
+    ct_distance: str = opt("pseudo_huber", "pseudo-Huber (iCT), squared L2, or LPIPS (VGG16, ACT's release; needs "
+                                           "--lpips-vgg and the lpips extra). Caution: LPIPS is an ImageNet-feature "
+                                           "distance, and training on it can flatter an ImageNet-feature FID "
+                                           "(Inception) without better samples",
+                           choices=("pseudo_huber", "l2", "lpips"))
+    lpips_vgg: str | None = opt(None, "LOCAL torchvision VGG16 state dict (official key layout, e.g. "
+                                      "vgg16-397923af.pth) for --ct-distance lpips; nothing is downloaded (the LPIPS "
+                                      "heads ship in the lpips wheel)", type=str, metavar="PATH")
+    lpips_size: int = opt(224, "images are resized bilinearly to this square size before LPIPS (ACT's 224; >= 32, "
+                               "since VGG16 pools 4 times; 1-channel images are repeated to 3)")
+    ct_noise_cond: str | None = opt(None, "what the time embedder sees: cm = 250 ln(sigma), raw = sigma, ect = "
+                                          "ln(sigma)/4; default cm for widths >= 384, ect for the tiny models (measured "
+                                          "better on digits)", type=str, choices=tuple(NOISE_COND))
+    ct_tau: float = opt(0.821, "the two-step sampler's intermediate sigma")
+    ct_total_steps: int | None = opt(None, "K of the N(k) schedule; default --steps of the run's start (kept on resume)",
+                                     type=int)
+    ct_weighting: str = opt("uniform", "per-pair loss weight: 1, or iCT's lambda(sigma_i) = 1 / (sigma_{i+1} - sigma_i)",
+                            choices=("uniform", "ict"))
+    ct_pair_sampling: str = opt("uniform", "the pair index i: uniform over the N - 1 pairs, or iCT's discretised "
+                                           "lognormal p(i) ~ erf((ln sigma_{i+1} - P_mean) / (sqrt 2 P_std)) - "
+                                           "erf((ln sigma_i - P_mean) / (sqrt 2 P_std))",
+                                choices=("uniform", "lognormal"))
+    ct_p_mean: float = opt(-1.1, "P_mean of --ct-pair-sampling lognormal")
+    ct_p_std: float = opt(2.0, "P_std of --ct-pair-sampling lognormal")
+    ct_label_dropout: str = opt("shared", "the online and the target forward drop the same labels (one draw, as CM, "
+                                          "iCT and ECT) or draw each their own", choices=("shared", "independent"))
 
 
 @register_method("ct")
@@ -48,71 +89,33 @@ class CT(Method):
 
     @staticmethod
     def add_args(group) -> None:
-        group.add_argument("--ct-sigma-min", type=float, default=0.002)
-        group.add_argument("--ct-sigma-max", type=float, default=80.0)
-        group.add_argument("--ct-sigma-data", type=float, default=0.5)
-        group.add_argument("--ct-rho", type=float, default=7.0)
-        group.add_argument("--ct-s0", type=int, default=2, help="grid points at the start (N grows s0 -> s1)")
-        group.add_argument("--ct-s1", type=int, default=None,
-                           help="grid points at the end; default CIFAR's 150 for widths >= 384, 10 for the tiny "
-                                "models (measured on digits: with 150 a 1000-step run learns nothing)")
-        group.add_argument("--ct-mu0", type=float, default=None,
-                           help="target EMA decay at N = s0; default 0.9 (CM) for widths >= 384, 0 for the tiny "
-                                "models (iCT's target: the online weights without grad)")
-        group.add_argument("--ct-distance", choices=("pseudo_huber", "l2", "lpips"), default="pseudo_huber",
-                           help="pseudo-Huber (iCT), squared L2, or LPIPS (VGG16, ACT's release; needs --lpips-vgg "
-                                "and the lpips extra). Caution: LPIPS is an ImageNet-feature distance, and training "
-                                "on it can flatter an ImageNet-feature FID (Inception) without better samples")
-        group.add_argument("--lpips-vgg", default=None, metavar="PATH",
-                           help="LOCAL torchvision VGG16 state dict (official key layout, e.g. vgg16-397923af.pth) "
-                                "for --ct-distance lpips; nothing is downloaded (the LPIPS heads ship in the lpips wheel)")
-        group.add_argument("--lpips-size", type=int, default=224,
-                           help="images are resized bilinearly to this square size before LPIPS (ACT's 224; >= 32, "
-                                "since VGG16 pools 4 times; 1-channel images are repeated to 3)")
-        group.add_argument("--ct-noise-cond", choices=tuple(NOISE_COND), default=None,
-                           help="what the time embedder sees: cm = 250 ln(sigma), raw = sigma, ect = ln(sigma)/4; "
-                                "default cm for widths >= 384, ect for the tiny models (measured better on digits)")
-        group.add_argument("--ct-tau", type=float, default=0.821, help="the two-step sampler's intermediate sigma")
-        group.add_argument("--ct-total-steps", type=int, default=None,
-                           help="K of the N(k) schedule; default --steps of the run's start (kept on resume)")
-        group.add_argument("--ct-weighting", choices=("uniform", "ict"), default="uniform",
-                           help="per-pair loss weight: 1, or iCT's lambda(sigma_i) = 1 / (sigma_{i+1} - sigma_i)")
-        group.add_argument("--ct-pair-sampling", choices=("uniform", "lognormal"), default="uniform",
-                           help="the pair index i: uniform over the N - 1 pairs, or iCT's discretised lognormal "
-                                "p(i) ~ erf((ln sigma_{i+1} - P_mean) / (sqrt 2 P_std)) - erf((ln sigma_i - P_mean) / "
-                                "(sqrt 2 P_std))")
-        group.add_argument("--ct-p-mean", type=float, default=-1.1, help="P_mean of --ct-pair-sampling lognormal")
-        group.add_argument("--ct-p-std", type=float, default=2.0, help="P_std of --ct-pair-sampling lognormal")
-        group.add_argument("--ct-label-dropout", choices=("shared", "independent"), default="shared",
-                           help="the online and the target forward drop the same labels (one draw, as CM, iCT and "
-                                "ECT) or draw each their own")
+        add_options(group, CTOptions)
 
     def __init__(self, model=None, args=None):
         super().__init__(model, args)
         if model is None:
             raise ConfigError("ct needs the backbone (its target copy is made from it)")
-        g = lambda k, d: getattr(args, k, d)  # noqa: E731
-        self.s_min, self.s_max = float(g("ct_sigma_min", 0.002)), float(g("ct_sigma_max", 80.0))
-        self.sd, self.rho = float(g("ct_sigma_data", 0.5)), float(g("ct_rho", 7.0))
+        o = read_options(CTOptions, args)
+        self.s_min, self.s_max = float(o.ct_sigma_min), float(o.ct_sigma_max)
+        self.sd, self.rho = float(o.ct_sigma_data), float(o.ct_rho)
         # The paper's grid (150), target decay (0.9) and CM conditioning need the long runs they were
         # tuned on; on digits (tiny/2, 1000 steps) they gave FD 224 against 226 untrained, while
         # s1 10, iCT's mu0 0 and ECT's ln(sigma)/4 gave 67.6 (README, "Measured numbers").
         paper = model is not None and model.hidden_size >= 384
-        self.s0 = int(g("ct_s0", 2))
-        self.s1 = int(g("ct_s1", None) or (150 if paper else 10))
-        mu0 = g("ct_mu0", None)
+        self.s0 = int(o.ct_s0)
+        self.s1 = int(o.ct_s1 or (150 if paper else 10))
+        mu0 = o.ct_mu0
         self.mu0 = float((0.9 if paper else 0.0) if mu0 is None else mu0)
-        self.distance = g("ct_distance", "pseudo_huber")
-        self.lpips, self.lpips_vgg, self.lpips_size = None, g("lpips_vgg", None), int(g("lpips_size", 224) or 224)
+        self.distance = o.ct_distance
+        self.lpips, self.lpips_vgg, self.lpips_size = None, o.lpips_vgg, int(o.lpips_size)
         if self.distance == "lpips" and not self.lpips_vgg:
             raise ConfigError("--ct-distance lpips needs --lpips-vgg PATH (a local VGG16 weights file)")
-        self.noise_cond = g("ct_noise_cond", None) or ("cm" if paper else "ect")
+        self.noise_cond = o.ct_noise_cond or ("cm" if paper else "ect")
         self.cond = NOISE_COND[self.noise_cond]
-        self.tau = float(g("ct_tau", 0.821))
-        self.weighting = g("ct_weighting", "uniform") or "uniform"
-        self.pair_sampling = g("ct_pair_sampling", "uniform") or "uniform"
-        self.p_mean, self.p_std = float(g("ct_p_mean", -1.1)), float(g("ct_p_std", 2.0))
-        self.label_dropout = g("ct_label_dropout", "shared") or "shared"
+        self.tau = float(o.ct_tau)
+        self.weighting, self.pair_sampling = o.ct_weighting, o.ct_pair_sampling
+        self.p_mean, self.p_std = float(o.ct_p_mean), float(o.ct_p_std)
+        self.label_dropout = o.ct_label_dropout
         for flag, v, ok in (("--ct-weighting", self.weighting, ("uniform", "ict")),
                             ("--ct-pair-sampling", self.pair_sampling, ("uniform", "lognormal")),
                             ("--ct-label-dropout", self.label_dropout, ("shared", "independent"))):
@@ -120,7 +123,10 @@ class CT(Method):
                 raise ConfigError(f"{flag} must be one of {ok}, got {v!r}")
         if not (self.p_std > 0 and math.isfinite(self.p_std) and math.isfinite(self.p_mean)):
             raise ConfigError(f"need a finite --ct-p-mean and --ct-p-std > 0, got {self.p_mean}, {self.p_std}")
-        self.total_steps = int(g("ct_total_steps", None) or g("steps", 1000))
+        total = o.ct_total_steps or getattr(args, "steps", None)
+        if not total:
+            raise ConfigError("ct's N(k) schedule needs its length: --ct-total-steps, or the trainer's --steps")
+        self.total_steps = int(total)
         if not 0 < self.s_min < self.tau < self.s_max:
             raise ConfigError(f"need 0 < --ct-sigma-min < --ct-tau < --ct-sigma-max, got {self.s_min}, {self.tau}, "
                               f"{self.s_max}")

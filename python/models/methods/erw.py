@@ -16,14 +16,26 @@ averages every sample, the fused op), and it never transferred the warm weights 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 from . import register_method
 from .base import ConfigError
-from .repa import REPA
+from .options import add_options, opt, read_options
+from .repa import REPA, REPAOptions
 
 C0_BY_DEPTH = {28: 6.0, 24: 3.0}  # XL, L; 1 otherwise
+
+
+@dataclass
+class ERWOptions:
+    erw_warmup_steps: int | None = opt(None, 'phase-1 steps W; default 100000 (the paper) for widths >= 384, else 200 '
+                                             '(a fifth of the digits job)', type=int)
+    erw_region: int | None = opt(None, 'blocks 1..L warmed up; default 4, 2 for models of depth < 12', type=int)
+    erw_c0: float | None = opt(None, 'phase-2 alignment weight at step W; default 6 for XL (depth 28), 3 for L (24), '
+                                     'else 1', type=float)
+    erw_half_life: float = opt(50_000.0, 'steps over which the phase-2 weight halves')
 
 
 @register_method("erw")
@@ -35,28 +47,21 @@ class ERW(REPA):
 
     @staticmethod
     def add_args(group) -> None:
-        group.add_argument("--erw-warmup-steps", type=int, default=None,
-                           help="phase-1 steps W; default 100000 (the paper) for widths >= 384, else 200 "
-                                "(a fifth of the digits job)")
-        group.add_argument("--erw-region", type=int, default=None,
-                           help="blocks 1..L warmed up; default 4, 2 for models of depth < 12")
-        group.add_argument("--erw-c0", type=float, default=None,
-                           help="phase-2 alignment weight at step W; default 6 for XL (depth 28), 3 for L (24), else 1")
-        group.add_argument("--erw-half-life", type=float, default=50_000.0,
-                           help="steps over which the phase-2 weight halves")
+        add_options(group, ERWOptions)
 
     def __init__(self, model=None, args=None, *, encoders=None):
         super().__init__(model, args, encoders=encoders)
+        o = read_options(ERWOptions, args)
         wide = model.hidden_size >= 384
-        w = getattr(args, "erw_warmup_steps", None)
+        w = o.erw_warmup_steps
         self.warmup_steps = int(w) if w is not None else (100_000 if wide else 200)
-        region = getattr(args, "erw_region", None)
+        region = o.erw_region
         self.region = int(region) if region is not None else (4 if model.depth >= 12 else 2)
-        if getattr(args, "repa_depth", None) is None:
+        if read_options(REPAOptions, args).repa_depth is None:
             self.depth = max(1, model.depth // 2)  # the paper: re-attached at 14 for XL
-        c0 = getattr(args, "erw_c0", None)
+        c0 = o.erw_c0
         self.c0 = float(c0) if c0 is not None else C0_BY_DEPTH.get(model.depth, 1.0)
-        self.half_life = float(getattr(args, "erw_half_life", 50_000.0))
+        self.half_life = float(o.erw_half_life)
         if self.warmup_steps < 0:
             raise ConfigError(f"--erw-warmup-steps must be >= 0, got {self.warmup_steps}")
         if not 1 <= self.region < model.depth:

@@ -27,6 +27,8 @@ the mean over the batch (a sample that masks nothing, r_b = 0, adds 0 to the MAE
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -39,6 +41,7 @@ from ..objectives import interpolate, mean_prediction, velocity_target
 from ..samplers import sample
 from . import register_method
 from .base import ConfigError, Method, draw_label_dropout
+from .options import add_options, opt, read_options
 from .tread import parse_ratio_range
 
 # Widths from which the paper's decoder (8 blocks of width 512, 16 heads) is the default: the DiT sizes.
@@ -141,6 +144,19 @@ def patch_normalize(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (p - mean) / (var + eps).sqrt()
 
 
+@dataclass
+class MaskDiTOptions:
+    mask_ratio: float = opt(0.5, 'fraction of tokens masked per sample (maskdit); 0 = the unmasked fine-tune stage')
+    mask_ratio_range: str | None = opt(None, "per-sample budgets: each sample's mask ratio drawn uniformly in [A, B] (0"
+                                             ' <= A <= B < 1) instead of --mask-ratio, kept tokens packed without '
+                                             'padding', type=str, metavar="A:B")
+    mae_weight: float = opt(0.1, 'weight of the MAE term on masked tokens')
+    decoder_depth: int | None = opt(None, 'decoder blocks; default 8 (the paper) for widths >= 384, else 2 (tiny '
+                                          "models: a third of depth 6, about the paper's 8/28)", type=int)
+    decoder_width: int | None = opt(None, 'decoder width; default 512 (the paper) for widths >= 384, else the '
+                                          "backbone's", type=int)
+
+
 @register_method("maskdit")
 class MaskDiT(Method):
     """Masked encoder, full-sequence decoder, flow loss on kept tokens + MAE on masked ones."""
@@ -152,31 +168,22 @@ class MaskDiT(Method):
 
     @staticmethod
     def add_args(group) -> None:
-        group.add_argument("--mask-ratio", type=float, default=0.5,
-                           help="fraction of tokens masked per sample (maskdit); 0 = the unmasked fine-tune stage")
-        group.add_argument("--mask-ratio-range", default=None, metavar="A:B",
-                           help="per-sample budgets: each sample's mask ratio drawn uniformly in [A, B] "
-                                "(0 <= A <= B < 1) instead of --mask-ratio, kept tokens packed without padding")
-        group.add_argument("--mae-weight", type=float, default=0.1, help="weight of the MAE term on masked tokens")
-        group.add_argument("--decoder-depth", type=int, default=None,
-                           help="decoder blocks; default 8 (the paper) for widths >= 384, else 2 (tiny models: "
-                                "a third of depth 6, about the paper's 8/28)")
-        group.add_argument("--decoder-width", type=int, default=None,
-                           help="decoder width; default 512 (the paper) for widths >= 384, else the backbone's")
+        add_options(group, MaskDiTOptions)
 
     def __init__(self, model=None, args=None):
         super().__init__(model, args)
         if model is None:
             raise ConfigError("maskdit needs the backbone to size its decoder")
-        self.ratio = float(getattr(args, "mask_ratio", 0.5))
-        self.mae_weight = float(getattr(args, "mae_weight", 0.1))
+        o = read_options(MaskDiTOptions, args)
+        self.ratio = float(o.mask_ratio)
+        self.mae_weight = float(o.mae_weight)
         if not 0.0 <= self.ratio < 1.0:
             raise ConfigError(f"--mask-ratio must lie in [0, 1), got {self.ratio}")
         if self.mae_weight < 0:
             raise ConfigError(f"--mae-weight must be >= 0, got {self.mae_weight}")
         paper = model.hidden_size >= PAPER_DECODER_FROM_WIDTH
-        depth = getattr(args, "decoder_depth", None) or (8 if paper else 2)
-        width = getattr(args, "decoder_width", None) or (512 if paper else model.hidden_size)
+        depth = o.decoder_depth or (8 if paper else 2)
+        width = o.decoder_width or (512 if paper else model.hidden_size)
         heads = 16 if paper and width % 16 == 0 else model.num_heads
         if depth < 1 or width < 1:
             raise ConfigError(f"--decoder-depth and --decoder-width must be >= 1, got {depth}, {width}")
@@ -185,7 +192,7 @@ class MaskDiT(Method):
         self.keep = int(model.num_patches * (1 - self.ratio))
         if self.keep < 1:
             raise ConfigError(f"--mask-ratio {self.ratio} keeps no token of {model.num_patches}")
-        self.ratio_range = parse_ratio_range("--mask-ratio-range", getattr(args, "mask_ratio_range", None))
+        self.ratio_range = parse_ratio_range("--mask-ratio-range", o.mask_ratio_range)
         if self.ratio_range is not None and self.keep_count(self.ratio_range[1]) < 1:
             raise ConfigError(f"--mask-ratio-range: ratio {self.ratio_range[1]} keeps no token of {model.num_patches}")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import os
 import zipfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from effkernels.nn.routing import TokenPack
 from .. import encoders as enc
 from . import register_method
 from .base import ConfigError, Method
+from .options import add_options, opt, read_options
 
 # REPA's depths (its paper): k = 4 for B (depth 12), 8 for L/XL (depth 24/28). S shares B's depth
 # 12 and gets 4. Other depths (tiny/2 has 6): a third of the way up, REPA's own ratio (4/12, 8/24),
@@ -88,6 +90,27 @@ def _value_range(spec):
     return lo, hi
 
 
+@dataclass
+class REPAOptions:
+    repa_encoder: list | None = opt(None, "target encoder (repeatable: one projector each, losses averaged). 'dae' "
+                                          '(default): an autoencoder trained on the data set itself and cached, for '
+                                          "small data such as digits; 'dinov2-vitb14:/path/weights.pth' (also "
+                                          "vits14/vitl14/vitg14, -reg): DINOv2 via timm from a local file, REPA's "
+                                          "target at scale; 'timm-<model>:PATH'; 'precomputed:repa_<name>': features "
+                                          'stored in --data by effkernels-features',
+                                          type=str, action="append", metavar="SPEC")
+    repa_depth: int | None = opt(None, "align the output of block k (1-based); default from the model's depth: 4 for 12"
+                                       " (S, B), 8 for 24/28 (L, XL), else round(depth/3) (tiny's 6: 2)", type=int)
+    repa_weight: float = opt(0.5, 'weight of the alignment loss, at every t')
+    repa_proj_dim: int | None = opt(None, 'projector hidden width; default 2048 (REPA) for width >= 384, 256 for the '
+                                          'tiny CPU models', type=int)
+    repa_image_key: str = opt("x", "batch array the live encoders see: 'x' (the clean data) or a per-sample extra of "
+                                   "--data, e.g. 'image' (raw images stored beside VAE latents)")
+    repa_value_range: str | None = opt(None, "value range of the encoder's input images (default: the data's; needed "
+                                             'for pretrained encoders on .npz data, e.g. 0,255 for uint8 images)',
+                                             type=str, metavar="LO,HI")
+
+
 @register_method("repa")
 class REPA(Method):
     """Flow loss + weight x mean over encoders of -cos(projector(h_k), encoder tokens of clean x)."""
@@ -96,26 +119,7 @@ class REPA(Method):
 
     @staticmethod
     def add_args(group) -> None:
-        group.add_argument("--repa-encoder", action="append", default=None, metavar="SPEC",
-                           help="target encoder (repeatable: one projector each, losses averaged). 'dae' "
-                                "(default): an autoencoder trained on the data set itself and cached, for "
-                                "small data such as digits; 'dinov2-vitb14:/path/weights.pth' (also "
-                                "vits14/vitl14/vitg14, -reg): DINOv2 via timm from a local file, REPA's "
-                                "target at scale; 'timm-<model>:PATH'; 'precomputed:repa_<name>': features "
-                                "stored in --data by effkernels-features")
-        group.add_argument("--repa-depth", type=int, default=None,
-                           help="align the output of block k (1-based); default from the model's depth: 4 for "
-                                "12 (S, B), 8 for 24/28 (L, XL), else round(depth/3) (tiny's 6: 2)")
-        group.add_argument("--repa-weight", type=float, default=0.5, help="weight of the alignment loss, at every t")
-        group.add_argument("--repa-proj-dim", type=int, default=None,
-                           help="projector hidden width; default 2048 (REPA) for width >= 384, 256 for the "
-                                "tiny CPU models")
-        group.add_argument("--repa-image-key", default="x",
-                           help="batch array the live encoders see: 'x' (the clean data) or a per-sample "
-                                "extra of --data, e.g. 'image' (raw images stored beside VAE latents)")
-        group.add_argument("--repa-value-range", default=None, metavar="LO,HI",
-                           help="value range of the encoder's input images (default: the data's; needed "
-                                "for pretrained encoders on .npz data, e.g. 0,255 for uint8 images)")
+        add_options(group, REPAOptions)
 
     def __init__(self, model=None, args=None, *, encoders=None):
         """`encoders`: programmatic targets instead of --repa-encoder: a list of encoder objects
@@ -123,24 +127,25 @@ class REPA(Method):
         super().__init__(model, args)
         if model is None:
             raise ConfigError("REPA needs the backbone (its width, depth and token grid) to build its projectors")
-        depth = getattr(args, "repa_depth", None)
+        o = read_options(REPAOptions, args)
+        depth = o.repa_depth
         self.depth = default_depth(model.depth) if depth is None else int(depth)
         if not 1 <= self.depth <= model.depth:
             raise ConfigError(f"--repa-depth must lie in [1, {model.depth}] (the model's blocks), got {self.depth}")
-        self.weight = float(getattr(args, "repa_weight", 0.5))
+        self.weight = float(o.repa_weight)
         if not self.weight >= 0:
             raise ConfigError(f"--repa-weight must be >= 0, got {self.weight}")
-        hidden = getattr(args, "repa_proj_dim", None)
+        hidden = o.repa_proj_dim
         hidden = default_proj_dim(model.hidden_size) if hidden is None else int(hidden)
         if hidden < 1:
             raise ConfigError(f"--repa-proj-dim must be >= 1, got {hidden}")
-        self.image_key = getattr(args, "repa_image_key", "x") or "x"
-        self.value_range = _value_range(getattr(args, "repa_value_range", None))
+        self.image_key = o.repa_image_key
+        self.value_range = _value_range(o.repa_value_range)
         self.num_tokens = model.num_patches
         grid = model.x_embedder.grid_size
 
         if encoders is None:
-            specs = getattr(args, "repa_encoder", None) or ["dae"]
+            specs = o.repa_encoder or ["dae"]
             data = getattr(args, "data", None)
             built = []
             for s in specs:

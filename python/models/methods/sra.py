@@ -30,6 +30,8 @@ rows, with a ratio per sample, weighted 1 / (B * count): every sample weighs as 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -40,6 +42,7 @@ from ..diffusion import GaussianDiffusion
 from ..objectives import interpolate
 from . import register_method
 from .base import ConfigError, Method, draw_label_dropout
+from .options import add_options, opt, read_options
 
 # (student depth, teacher depth) by model depth, from the authors' scripts: B (12) 3 -> 8 (their
 # SiT-B script), XL (28) 8 -> 20 (SiT; DiT-XL with learned sigma 8 -> 16). Other depths: a third and
@@ -53,6 +56,27 @@ def default_pair(depth: int, learn_sigma: bool = False) -> tuple[int, int]:
     return PAIRS.get(depth, (max(1, round(depth / 3)), max(1, round(2 * depth / 3))))
 
 
+@dataclass
+class SRAOptions:
+    sra_student_depth: int | None = opt(None, "student block s (1-based); default 3 for depth 12 (the authors' SiT-B "
+                                         "script), 8 for 28, else round(depth/3)", type=int)
+    sra_teacher_depth: int | None = opt(None, "teacher (EMA) block t_b, where its forward stops; default 8 for depth 12, "
+                                         "20 for 28 (16 for DiT-XL), else round(2 depth/3)", type=int)
+    sra_t_max: float = opt(0.2, "the teacher's less-noisy time: flow matching t - t_max * U(0, 1), clamped to [0, 1]; "
+                                "DDPM (dit) t - randint(0, int(1000 t_max)), clamped to [1, 999] and never above t")
+    sra_loss: str = opt("cosine", "per-token cosine over features (default) or the paper's smooth-L1 (beta 0.05, the "
+                                  "mean over tokens and features)", choices=("cosine", "smooth_l1"))
+    sra_weight: float | None = opt(None, "weight of the alignment term (at the start, if it decays); default 0.5 "
+                                         "(cosine) or 0.2 (smooth_l1)", type=float)
+    sra_weight_schedule: str | None = opt(None, "release: the weight stays until epoch --sra-decay-start, then falls "
+                                                "10x every --sra-decay-every epochs (the SRA release's smooth-L1 "
+                                                "schedule); default release for smooth_l1, constant for cosine",
+                                          type=str, choices=("constant", "release"))
+    sra_decay_start: float = opt(149.0, "epoch after which the release schedule decays (their 256 px value; 512 px: 99)")
+    sra_decay_every: float = opt(1000.0, "epochs per 10x decay of the release schedule (their 256 px value; 512 px: "
+                                         "800)")
+
+
 @register_method("sra")
 class SRA(Method):
     """Flow loss + weight x alignment of a head on the student's depth s with its EMA's depth t_b."""
@@ -62,54 +86,32 @@ class SRA(Method):
 
     @staticmethod
     def add_args(group) -> None:
-        group.add_argument("--sra-student-depth", type=int, default=None,
-                           help="student block s (1-based); default 3 for depth 12 (the authors' SiT-B script), "
-                                "8 for 28, else round(depth/3)")
-        group.add_argument("--sra-teacher-depth", type=int, default=None,
-                           help="teacher (EMA) block t_b, where its forward stops; default 8 for depth 12, 20 "
-                                "for 28 (16 for DiT-XL), else round(2 depth/3)")
-        group.add_argument("--sra-t-max", type=float, default=0.2,
-                           help="the teacher's less-noisy time: flow matching t - t_max * U(0, 1), clamped to "
-                                "[0, 1]; DDPM (dit) t - randint(0, int(1000 t_max)), clamped to [1, 999] and "
-                                "never above t")
-        group.add_argument("--sra-loss", choices=("cosine", "smooth_l1"), default="cosine",
-                           help="per-token cosine over features (default) or the paper's smooth-L1 (beta 0.05, "
-                                "the mean over tokens and features)")
-        group.add_argument("--sra-weight", type=float, default=None,
-                           help="weight of the alignment term (at the start, if it decays); default 0.5 (cosine) or "
-                                "0.2 (smooth_l1)")
-        group.add_argument("--sra-weight-schedule", choices=("constant", "release"), default=None,
-                           help="release: the weight stays until epoch --sra-decay-start, then falls 10x every "
-                                "--sra-decay-every epochs (the SRA release's smooth-L1 schedule); default release for "
-                                "smooth_l1, constant for cosine")
-        group.add_argument("--sra-decay-start", type=float, default=149.0,
-                           help="epoch after which the release schedule decays (their 256 px value; 512 px: 99)")
-        group.add_argument("--sra-decay-every", type=float, default=1000.0,
-                           help="epochs per 10x decay of the release schedule (their 256 px value; 512 px: 800)")
+        add_options(group, SRAOptions)
 
     def __init__(self, model=None, args=None, *, teacher: nn.Module | None = None,
                  steps_per_epoch: float | None = None):
         super().__init__(model, args)
         if model is None:
             raise ConfigError("SRA needs the backbone to size its head")
+        o = read_options(SRAOptions, args)
         s, tb = default_pair(model.depth, model.learn_sigma)
-        self.student_depth = int(getattr(args, "sra_student_depth", None) or s)
-        self.teacher_depth = int(getattr(args, "sra_teacher_depth", None) or tb)
+        self.student_depth = int(o.sra_student_depth or s)
+        self.teacher_depth = int(o.sra_teacher_depth or tb)
         for name, d in (("--sra-student-depth", self.student_depth), ("--sra-teacher-depth", self.teacher_depth)):
             if not 1 <= d <= model.depth:
                 raise ConfigError(f"{name} must lie in [1, {model.depth}], got {d}")
-        self.t_max = float(getattr(args, "sra_t_max", 0.2))
+        self.t_max = float(o.sra_t_max)
         if not 0.0 <= self.t_max <= 1.0:
             raise ConfigError(f"--sra-t-max must lie in [0, 1], got {self.t_max}")
-        self.loss_kind = getattr(args, "sra_loss", "cosine") or "cosine"
-        w = getattr(args, "sra_weight", None)
+        self.loss_kind = o.sra_loss
+        w = o.sra_weight
         self.weight = float(w) if w is not None else (0.5 if self.loss_kind == "cosine" else 0.2)
         if self.weight < 0:
             raise ConfigError(f"--sra-weight must be >= 0, got {self.weight}")
-        sched = getattr(args, "sra_weight_schedule", None)
+        sched = o.sra_weight_schedule
         self.schedule = sched or ("release" if self.loss_kind == "smooth_l1" else "constant")
-        self.decay_start = float(getattr(args, "sra_decay_start", 149.0))
-        self.decay_every = float(getattr(args, "sra_decay_every", 1000.0))
+        self.decay_start = float(o.sra_decay_start)
+        self.decay_every = float(o.sra_decay_every)
         if self.decay_start < 0 or self.decay_every <= 0:
             raise ConfigError(f"need --sra-decay-start >= 0 and --sra-decay-every > 0, got {self.decay_start}, "
                               f"{self.decay_every}")

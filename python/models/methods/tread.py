@@ -22,7 +22,7 @@ code's unconditional branches are a defect not copied). effkernels-sample overri
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ from ..guidance import model_output
 from ..samplers import sample
 from . import register_method
 from .base import ConfigError, Method
+from .options import add_options, opt, read_options
 
 
 def default_routes(depth: int, ratio: float) -> list[Route]:
@@ -88,6 +89,28 @@ def parse_ratio_range(option: str, spec) -> tuple[float, float] | None:
         raise ConfigError(msg if msg.startswith(option) else f"{option} {spec!r}: {msg}") from None
 
 
+@dataclass
+class TREADOptions:
+    route_ratio: float = opt(0.5, "fraction of tokens routed around the blocks (tread); without --route they are blocks "
+                                  "3..depth-3, the paper's placement; 0 = dense (the fine-tune stage): no route runs, "
+                                  "whatever RATIO a --route gives")
+    route: list | None = opt(None, "route blocks START..END at RATIO (default --route-ratio); blocks are 1-based and "
+                                   "START..END inclusive (the TREAD release's 0-based 2:8 is our 3:9); repeatable, "
+                                   "sorted and non-overlapping, each drawn independently",
+                             type=str, action="append", metavar="START:END[:RATIO]")
+    route_ratio_range: str | None = opt(None, "per-sample budgets: every route draws each sample's ratio uniformly in "
+                                              "[A, B] (0 <= A <= B < 1) instead of --route-ratio, so samples keep "
+                                              "different token counts, packed without padding; --route then takes "
+                                              "START:END only", type=str, metavar="A:B")
+    route_unsorted: bool = opt(False, "processed tokens in random order (default: kept in raster order, for backbones "
+                                      "whose blocks care about order)", action="store_true")
+    route_eval: bool = opt(False, "route during evaluation and sampling too (default: dense)", action="store_true")
+    sparse_guidance_strong: float = opt(0.3, "sparse guidance (effkernels-sample --sparse-guidance): the routing rate "
+                                             "forced on the strong branch, in [0, 1) (the paper: 0.3)", metavar="RATE")
+    sparse_guidance_weak: float = opt(0.7, "sparse guidance: the routing rate forced on the weak branch, in [0, 1) (the "
+                                           "paper: 0.7)", metavar="RATE")
+
+
 @register_method("tread")
 class TREAD(Method):
     """Routed blocks in training, the flow objective on every token, dense evaluation."""
@@ -96,39 +119,18 @@ class TREAD(Method):
 
     @staticmethod
     def add_args(group) -> None:
-        group.add_argument("--route-ratio", type=float, default=0.5,
-                           help="fraction of tokens routed around the blocks (tread); without --route they are "
-                                "blocks 3..depth-3, the paper's placement; 0 = dense (the fine-tune stage): no "
-                                "route runs, whatever RATIO a --route gives")
-        group.add_argument("--route", action="append", default=None, metavar="START:END[:RATIO]",
-                           help="route blocks START..END at RATIO (default --route-ratio); blocks are 1-based and "
-                                "START..END inclusive (the TREAD release's 0-based 2:8 is our 3:9); repeatable, "
-                                "sorted and non-overlapping, each drawn independently")
-        group.add_argument("--route-ratio-range", default=None, metavar="A:B",
-                           help="per-sample budgets: every route draws each sample's ratio uniformly in [A, B] "
-                                "(0 <= A <= B < 1) instead of --route-ratio, so samples keep different token "
-                                "counts, packed without padding; --route then takes START:END only")
-        group.add_argument("--route-unsorted", action="store_true",
-                           help="processed tokens in random order (default: kept in raster order, for backbones "
-                                "whose blocks care about order)")
-        group.add_argument("--route-eval", action="store_true",
-                           help="route during evaluation and sampling too (default: dense)")
-        group.add_argument("--sparse-guidance-strong", type=float, default=0.3, metavar="RATE",
-                           help="sparse guidance (effkernels-sample --sparse-guidance): the routing rate forced on "
-                                "the strong branch, in [0, 1) (the paper: 0.3)")
-        group.add_argument("--sparse-guidance-weak", type=float, default=0.7, metavar="RATE",
-                           help="sparse guidance: the routing rate forced on the weak branch, in [0, 1) (the "
-                                "paper: 0.7)")
+        add_options(group, TREADOptions)
 
     def __init__(self, model=None, args=None):
         super().__init__(model, args)
-        ratio = float(getattr(args, "route_ratio", 0.5))
+        o = read_options(TREADOptions, args)
+        ratio = float(o.route_ratio)
         if not 0.0 <= ratio < 1.0:
             raise ConfigError(f"--route-ratio must lie in [0, 1), got {ratio}")
         dense = ratio == 0.0  # the dense fine-tune: no route runs, whatever the specs' own ratios
-        specs = getattr(args, "route", None)
+        specs = o.route
         depth = model.depth if model is not None else None
-        self.ratio_range = parse_ratio_range("--route-ratio-range", getattr(args, "route_ratio_range", None))
+        self.ratio_range = parse_ratio_range("--route-ratio-range", o.route_ratio_range)
         if self.ratio_range is not None and dense:
             raise ConfigError("--route-ratio 0 (dense, no routing) contradicts --route-ratio-range "
                               f"{self.ratio_range[0]}:{self.ratio_range[1]}: give one of them")
@@ -150,17 +152,17 @@ class TREAD(Method):
                 raise ConfigError(f"--route: {e}") from None
         self.routes = [] if dense else [r for r in self.routes if r.ratio > 0]
         self.num_tokens = model.num_patches if model is not None else None
-        self.sg_strong = check_guidance_rate("--sparse-guidance-strong", getattr(args, "sparse_guidance_strong", 0.3),
+        self.sg_strong = check_guidance_rate("--sparse-guidance-strong", o.sparse_guidance_strong,
                                              self.num_tokens)
-        self.sg_weak = check_guidance_rate("--sparse-guidance-weak", getattr(args, "sparse_guidance_weak", 0.7),
+        self.sg_weak = check_guidance_rate("--sparse-guidance-weak", o.sparse_guidance_weak,
                                            self.num_tokens)
         if self.ratio_range is not None and self.num_tokens is not None:
             try:
                 keep_count(self.num_tokens, self.ratio_range[1])
             except ValueError as e:
                 raise ConfigError(f"--route-ratio-range: {e}") from None
-        self.sort = not getattr(args, "route_unsorted", False)
-        self.route_eval = bool(getattr(args, "route_eval", False))
+        self.sort = not o.route_unsorted
+        self.route_eval = bool(o.route_eval)
 
     def draw(self, batch: int, generator: torch.Generator | None, device) -> list[Route]:
         """Every route with its own keep index (batch, K), drawn now from `generator`; with a ratio
@@ -196,8 +198,8 @@ class TREAD(Method):
             strong = self.sg_strong if sparse_guidance_strong is None else sparse_guidance_strong
             weak = self.sg_weak if sparse_guidance_weak is None else sparse_guidance_weak
             model = SparseGuided(model, self.routes, sparse_guidance,
-                                 check_guidance_rate("--sparse-guidance-strong", strong, self.num_tokens),
-                                 check_guidance_rate("--sparse-guidance-weak", weak, self.num_tokens))
+                                 strong=check_guidance_rate("--sparse-guidance-strong", strong, self.num_tokens),
+                                 weak=check_guidance_rate("--sparse-guidance-weak", weak, self.num_tokens))
         elif self.route_eval and self.routes:
             model = _Routed(model, self.routes)
         return sample(model, y, noise=noise, **opts)
@@ -220,7 +222,7 @@ class SparseGuided(nn.Module):
     labels, routing `strong` (0.3) and `weak` (0.7) of the tokens over the training routes' blocks;
     each rate in [0, 1) (--sparse-guidance-strong / --sparse-guidance-weak)."""
 
-    def __init__(self, model, routes, scale: float = 1.5, strong: float = 0.3, weak: float = 0.7):
+    def __init__(self, model, routes, scale: float, *, strong: float, weak: float):
         super().__init__()
         strong = check_guidance_rate("--sparse-guidance-strong", strong)
         weak = check_guidance_rate("--sparse-guidance-weak", weak)
