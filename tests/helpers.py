@@ -86,3 +86,12 @@ class TestDevice(DeviceContext):
             out = func(*args, **kwargs, device=gen.device).to(self.device)
             return out.requires_grad_(grad) if grad else out
         return super().__torch_function__(func, types, args, kwargs)
+
+
+def digits_like_batch(seed: int, b: int) -> dict:
+    """A method test's batch on the digits layout (B, 1, 8, 8) in [-1, 1], 10 classes, with its t, noise
+    and step generator fixed by `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.rand(b, 1, 8, 8, generator=g) * 2 - 1, "y": torch.randint(0, 10, (b,), generator=g),
+            "t": torch.rand(b, generator=g), "noise": torch.randn(b, 1, 8, 8, generator=g),
+            "generator": torch.Generator().manual_seed(seed)}

@@ -14,21 +14,17 @@ from effkernels.models.checkpoint import load_checkpoint
 from effkernels.models.rebuild import generator_from_checkpoint
 from effkernels.models.methods import ConfigError, build_method
 from effkernels.models.methods.maskdit import MaskDiT, MaskDiTGenerator, patch_normalize
+from helpers import digits_like_batch
 
 SMALL = dict(depth=3, hidden_size=32, num_heads=2, class_dropout_prob=0.0)
 
 
 def _args(**kw):
-    base = dict(mask_ratio=0.5, mae_weight=0.1, decoder_depth=None, decoder_width=None)
-    base.update(kw)
-    return argparse.Namespace(**base)
+    return argparse.Namespace(**kw)  # the options not given take the method's defaults
 
 
 def _batch(seed, b=3):
-    g = torch.Generator().manual_seed(seed)
-    return {"x": torch.rand(b, 1, 8, 8, generator=g) * 2 - 1, "y": torch.randint(0, 10, (b,), generator=g),
-            "t": torch.rand(b, generator=g), "noise": torch.randn(b, 1, 8, 8, generator=g),
-            "generator": torch.Generator().manual_seed(seed)}
+    return digits_like_batch(seed, b)
 
 
 def _randomize(*mods):

@@ -17,6 +17,7 @@ from effkernels.models.methods import ConfigError, Method
 from effkernels.models.methods.base import Composite
 from effkernels.models.methods.repa import REPA, default_depth, default_proj_dim
 from torch import nn
+from helpers import digits_like_batch
 
 SMALL = {"depth": 4, "hidden_size": 32, "num_heads": 2}
 SMALL_JSON = '{"depth": 4, "hidden_size": 32, "num_heads": 2}'
@@ -49,17 +50,11 @@ class ToyEncoder(nn.Module):
 
 
 def _args(**kw):
-    base = {"repa_encoder": None, "repa_depth": None, "repa_weight": 0.5, "repa_proj_dim": 16,
-            "repa_image_key": "x", "repa_value_range": None, "data": "digits"}
-    base.update(kw)
-    return argparse.Namespace(**base)
+    return argparse.Namespace(**{"repa_proj_dim": 16, "data": "digits", **kw})  # the rest: the method's defaults
 
 
 def _batch(seed, b=3):
-    g = torch.Generator().manual_seed(seed)
-    return {"x": torch.rand(b, 1, 8, 8, generator=g) * 2 - 1, "y": torch.randint(0, 10, (b,), generator=g),
-            "t": torch.rand(b, generator=g), "noise": torch.randn(b, 1, 8, 8, generator=g),
-            "generator": torch.Generator().manual_seed(seed)}
+    return digits_like_batch(seed, b)
 
 
 def _hand_loss(head, h, z):

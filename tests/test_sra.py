@@ -12,21 +12,17 @@ from effkernels.models.backbone import build
 from effkernels.models.diffusion import GaussianDiffusion
 from effkernels.models.methods import Composite, ConfigError, build_method
 from effkernels.models.methods.sra import SRA, default_pair
+from helpers import digits_like_batch
 
 SMALL = dict(depth=6, hidden_size=32, num_heads=2)
 
 
 def _args(**kw):
-    base = dict(sra_student_depth=None, sra_teacher_depth=None, sra_t_max=0.2, sra_loss="cosine", sra_weight=None)
-    base.update(kw)
-    return argparse.Namespace(**base)
+    return argparse.Namespace(**kw)  # the options not given take the method's defaults
 
 
 def _batch(seed, b=4):
-    g = torch.Generator().manual_seed(seed)
-    return {"x": torch.rand(b, 1, 8, 8, generator=g) * 2 - 1, "y": torch.randint(0, 10, (b,), generator=g),
-            "t": torch.rand(b, generator=g), "noise": torch.randn(b, 1, 8, 8, generator=g),
-            "generator": torch.Generator().manual_seed(seed)}
+    return digits_like_batch(seed, b)
 
 
 def _setup(seed, **kw):

@@ -12,21 +12,17 @@ from effkernels.models.checkpoint import load_checkpoint
 from effkernels.models.methods import ConfigError, build_method
 from effkernels.models.methods.tread import TREAD, SparseGuided, default_routes
 from effkernels.models import sample as sample_mod
+from helpers import digits_like_batch
 
 SMALL = dict(depth=6, hidden_size=32, num_heads=2)
 
 
 def _args(**kw):
-    base = dict(route_ratio=0.5, route=None, route_unsorted=False, route_eval=False)
-    base.update(kw)
-    return argparse.Namespace(**base)
+    return argparse.Namespace(**kw)  # the options not given take the method's defaults
 
 
 def _batch(seed, b=5):
-    g = torch.Generator().manual_seed(seed)
-    return {"x": torch.rand(b, 1, 8, 8, generator=g) * 2 - 1, "y": torch.randint(0, 10, (b,), generator=g),
-            "t": torch.rand(b, generator=g), "noise": torch.randn(b, 1, 8, 8, generator=g),
-            "generator": torch.Generator().manual_seed(seed)}
+    return digits_like_batch(seed, b)
 
 
 def test_default_placement_and_route_specs():
