@@ -2,7 +2,7 @@
 
 Packages are discovered under both roots, so a regular (non-editable) wheel carries every
 subpackage: effkernels/ as itself, python/models/ as effkernels.models (setuptools' package_dir).
-The extension is built by csrc/build_ext.py's `extensions()` (see the README's backends section);
+The extension is built by csrc/build_ext.py's `extensions()` (see docs/kernels.md);
 EFFKERNELS_BUILD_EXT=0 skips it. A failed optional build never breaks `import effkernels`.
 """
 import os

@@ -71,7 +71,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import effkernels
 from effkernels import backends
 
-# Compositions that work (README "Compositions"); tread+maskdit and erw+token plans do not.
+# Compositions that work (docs/methods.md, "Compositions"); tread+maskdit and erw+token plans do not.
 COMPOSITIONS = ("tread+repa", "tread+sra", "maskdit+repa", "maskdit+sra")
 ORDER = ("sit", "tread", "maskdit", "repa", "erw", "sra", "ct", "act")  # table order; others follow
 FEATURE_KEY = "repa_dae"

@@ -30,7 +30,7 @@ BACKENDS = ("auto", "reference", "triton", "cuda", "cpp")
 
 # Ops whose C++ CPU path was measured faster than the reference at DiT-like sizes, forward and
 # forward+backward, fp32 and bf16 (`python bench/bench_ops.py [--backward] [--dtype bfloat16]`;
-# numbers in the README). At toy sizes (a few thousand elements) the custom-op dispatch costs more
+# numbers in docs/results.md). At toy sizes (a few thousand elements) the custom-op dispatch costs more
 # than it saves, but those calls take microseconds either way.
 CPP_FASTER_ON_CPU: frozenset[str] = frozenset({
     "route_gather", "route_scatter", "modulate_layernorm", "gated_residual",

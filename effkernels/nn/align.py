@@ -10,7 +10,7 @@ from ._common import check_backend, check_positive_float, check_positive_int
 LOSSES = ("cosine", "smooth_l1", "mse")
 
 # Whether the cosine loss runs with the last Linear fused in (ops.projected_cosine_loss) when the
-# head is built with fused=None, per device type of h. Set from bench/bench_align.py (README table).
+# head is built with fused=None, per device type of h. Set from bench/bench_align.py (docs/results.md).
 FUSED_DEFAULT = {"cpu": False, "cuda": False}
 
 

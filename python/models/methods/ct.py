@@ -98,9 +98,9 @@ class CT(Method):
         o = read_options(CTOptions, args)
         self.s_min, self.s_max = float(o.ct_sigma_min), float(o.ct_sigma_max)
         self.sd, self.rho = float(o.ct_sigma_data), float(o.ct_rho)
-        # The paper's grid (150), target decay (0.9) and CM conditioning need the long runs they were
-        # tuned on; on digits (tiny/2, 1000 steps) they gave FD 224 against 226 untrained, while
-        # s1 10, iCT's mu0 0 and ECT's ln(sigma)/4 gave 67.6 (README, "Measured numbers").
+        # The paper's grid (150), target decay (0.9) and CM conditioning are for the long runs they
+        # were tuned on; below width 384 (the CPU models) s1 10, iCT's mu0 0 and ECT's ln(sigma)/4
+        # (docs/results.md, "CT and ACT").
         paper = model is not None and model.hidden_size >= 384
         self.s0 = int(o.ct_s0)
         self.s1 = int(o.ct_s1 or (150 if paper else 10))
@@ -172,7 +172,7 @@ class CT(Method):
 
     def generator_optimizer(self) -> dict:
         # ACT's release steps the generator with (R)Adam betas (0, 0.99); with (0.9, 0.999) CT and ACT
-        # diverge at the small sigmas (README, "CT and ACT").
+        # diverge at the small sigmas (docs/results.md, "CT and ACT").
         return {"betas": (0.0, 0.99)}
 
     def load_lpips(self):
