@@ -594,3 +594,24 @@ def test_a_checkpoint_without_the_method_entry_is_a_clear_error(tmp_path, capsys
     save_checkpoint(ck, str(tmp_path / "last.pt"))
     assert _run(tmp_path, "sit", 2, "--resume", "auto") == 2
     assert "has no method entry" in capsys.readouterr().err
+
+
+def test_methods_use_only_the_trainer_api_the_protocol_documents():
+    import re
+
+    from effkernels.models.methods import base
+
+    api = {"device", "ds", "model", "args", "ema_model", "steps_per_epoch", "save_named", "reset_optimizer",
+           "reset_ema"}
+    doc = base.__doc__
+    assert all(re.search(rf"\b{name}\b", doc) for name in api)
+    folder = os.path.dirname(base.__file__)
+    used = {}
+    for fn in os.listdir(folder):
+        if fn.endswith(".py"):
+            for m in re.finditer(r"\btrainer\.(\w+)", open(os.path.join(folder, fn)).read()):
+                used.setdefault(m.group(1), set()).add(fn)
+    assert set(used) <= api, {k: v for k, v in used.items() if k not in api}
+    tr_cls = train_mod.Trainer
+    assert all(callable(getattr(tr_cls, n)) for n in ("ema_model", "steps_per_epoch", "save_named", "reset_optimizer",
+                                                       "reset_ema"))

@@ -199,6 +199,22 @@ class Trainer:
                 raise ConfigError(f"--hflip mirrors (N, C, H, W) arrays; the per-sample arrays {flat} are not "
                                   "images (pre-computed features of the unflipped image would not match)")
 
+    # --- the API methods use (methods/base.py) ----------------------------------------------------
+    def ema_model(self) -> nn.Module:
+        return self.ema.model
+
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.ds) // self.args.batch_size)
+
+    def save_named(self, name: str) -> None:
+        self.save(os.path.join(self.args.out, name))
+
+    def reset_optimizer(self) -> None:
+        self.opt.state.clear()
+
+    def reset_ema(self) -> None:
+        self.ema.load_state_dict({k: m.state_dict() for k, m in self.generator().items()})
+
     def generator(self) -> dict[str, nn.Module]:
         """The live modules that generate samples: the backbone and the method's generator modules."""
         return {"backbone": self.model, **{k: self.modules[k] for k in self.method.generator_modules}}

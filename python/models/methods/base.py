@@ -43,7 +43,7 @@ Hooks
   eval_samplers() -> {suffix: opts}  the samplers the trainer's evaluation reports, each as keyword
                                     overrides for sample(); metrics get the suffix (CT: "" = one
                                     step, "_2step" = two). Default {"": {}}.
-  attach(trainer)                   called once, after the trainer is built (EMA, data set, device)
+  attach(trainer)                   called once, after the trainer is built (the trainer API below)
   before_step(trainer, step)        called by the trainer at the start of every training step, on
                                     every rank (ERW's phase transition: re-initialise, reset the
                                     optimizer and the EMA, checkpoint)
@@ -58,6 +58,15 @@ Hooks
 
 `batch` is dict(x=(B, C, H, W), y=(B,), generator=torch.Generator seeded by (seed, step, rank), and
 the batch_keys arrays); tests may add t and noise to fix the draws.
+
+The trainer a method is given (attach, before_step) offers exactly this, and a method uses nothing else
+(tests/test_methods.py checks the methods' source):
+  device, ds, model, args           read only: the device, the data set, the live backbone, the options
+  ema_model()                       the EMA backbone the trainer updates after every step (SRA's teacher)
+  steps_per_epoch()                 optimizer steps per pass over the data (the last partial batch dropped)
+  save_named(name)                  write a full checkpoint <out>/<name> (every rank takes part)
+  reset_optimizer()                 forget the generator optimizer's moments (a fresh AdamW)
+  reset_ema()                       the EMA := the live generator's weights
 
 Composition: `--method a+b` builds a `Composite` of the parts. Its loss takes the merged forward
 options, runs the one objective, and adds every part's extra losses, so e.g. TREAD's routes (a token

@@ -15,7 +15,6 @@ averages every sample, the fused op), and it never transferred the warm weights 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -105,14 +104,13 @@ class ERW(REPA):
     def before_step(self, trainer, step):
         if self.transitioned or step < self.warmup_steps:
             return
-        if getattr(trainer.args, "out", None):
-            trainer.save(os.path.join(trainer.args.out, "erw_warmup.pt"))  # phase 1 stays resumable
+        trainer.save_named("erw_warmup.pt")  # phase 1 stays resumable
         model = trainer.model
         with torch.random.fork_rng(devices=[]):  # the same fresh weights on every rank, replayable
             torch.manual_seed(self.seed * 1_000_003 + self.warmup_steps)
             model.reset_blocks(range(self.region + 1, model.depth + 1), final_layer=True)
-        trainer.opt.state.clear()  # a fresh AdamW: no moments carried over from phase 1
-        trainer.ema.load_state_dict({k: m.state_dict() for k, m in trainer.generator().items()})
+        trainer.reset_optimizer()  # a fresh AdamW: no moments carried over from phase 1
+        trainer.reset_ema()
         self.transitioned = True
 
     def state_dict(self):

@@ -173,7 +173,7 @@ class REPA(Method):
 
     def attach(self, trainer) -> None:
         """Fit/load data-trained encoders on the training data, set value ranges, move to the device."""
-        ds = getattr(trainer, "ds", None)
+        ds = trainer.ds
         vr = self.value_range if self.value_range is not None else getattr(ds, "value_range", None)
         for name, e in self.encoders:
             if getattr(e, "precomputed", False):

@@ -129,9 +129,9 @@ class SRA(Method):
         return {"sra_head": self.head}
 
     def attach(self, trainer) -> None:
-        self.teacher = trainer.ema.model  # the EMA the trainer updates after every step
-        # the release's loader drops the last partial batch: floor(N / global batch) steps per epoch
-        self.steps_per_epoch = max(1, len(trainer.ds) // trainer.args.batch_size)
+        self.teacher = trainer.ema_model()  # the EMA the trainer updates after every step
+        # the release's loader drops the last partial batch, as steps_per_epoch does
+        self.steps_per_epoch = trainer.steps_per_epoch()
 
     def epoch(self, step: int) -> int:
         """Completed passes over the data before `step` (the release's integer epoch counter)."""
