@@ -361,3 +361,24 @@ def test_keep_idx_plan_gathers_the_target_at_the_kept_tokens(seed):
     z = e.encode(batch["x"])
     z_kept = torch.stack([z[b, idx[b]] for b in range(3)])  # by hand
     assert abs(out["repa"].item() - 0.5 * _hand_loss(m.projectors[0], h, z_kept).item()) < 1e-5
+
+
+def test_fitting_or_loading_a_cached_network_leaves_the_callers_rng_alone(tmp_path, seed):
+    """A run that fits the data encoder and the metric's classifier and one that loads them from the
+    cache continue with the same global RNG stream (label dropout draws from it), and what is fitted
+    does not depend on the caller's RNG state."""
+    from effkernels.models import metrics
+
+    ds = load_dataset("digits")
+    nets = []
+    # fits into cache a, loads from a, fits into b from another caller state
+    for caller_seed, cache in ((seed, "a"), (seed, "a"), (seed + 1, "b")):
+        torch.manual_seed(caller_seed)
+        e = enc.DataEncoder(8, cache=str(tmp_path / cache), epochs=1)
+        e.prepare(ds)
+        metrics.get_classifier(ds, cache=str(tmp_path / cache))
+        drawn = torch.rand(3)
+        torch.manual_seed(caller_seed)
+        assert torch.equal(drawn, torch.rand(3))  # as if nothing had been fitted or loaded
+        nets.append(e.net.state_dict())
+    assert all(torch.equal(nets[0][k], nets[2][k]) for k in nets[0])

@@ -20,7 +20,7 @@ from torch import nn
 from .cache import cache_dir
 from .checkpoint import save_checkpoint
 
-_CLASSIFIER_VERSION = "v1"  # bump when the architecture or training recipe changes: invalidates caches
+_CLASSIFIER_VERSION = "v2"  # bump when the architecture or training recipe changes: invalidates caches
 
 
 # -----------------------------------------------------------------------------------------------
@@ -103,12 +103,18 @@ def predict(net, images: torch.Tensor, batch_size: int = 512, fn: str = "forward
 
 def train_classifier(ds, *, epochs: int = 15, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
                      holdout: float = 0.2, verbose: bool = False):
-    """Train a FeatureClassifier on ds's training split; returns (net, held-out accuracy)."""
+    """Train a FeatureClassifier on ds's training split; returns (net, held-out accuracy). All its
+    randomness comes from `seed` (the global RNG forked and seeded): the net does not depend on the
+    caller's RNG state, and the caller's stream is the same whether it trained or loaded a cache."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _train_classifier(ds, epochs, batch_size, lr, seed, holdout, verbose)
+
+
+def _train_classifier(ds, epochs, batch_size, lr, seed, holdout, verbose):
     tr, ho = ds.split(holdout, seed)
     g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():  # the classifier's init must not disturb the caller's RNG stream
-        torch.manual_seed(seed)
-        net = FeatureClassifier(ds.channels, ds.num_classes)
+    net = FeatureClassifier(ds.channels, ds.num_classes)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((len(tr) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
@@ -144,7 +150,8 @@ def get_classifier(ds, *, cache: str | None = None, retrain: bool = False, verbo
     if os.path.isfile(path) and not retrain:
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            net = FeatureClassifier(**blob["config"])
+            with torch.random.fork_rng():  # its init is overwritten: leave the caller's RNG as it was
+                net = FeatureClassifier(**blob["config"])
             net.load_state_dict(blob["state"])
             return net.eval(), float(blob["accuracy"])
         except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as e:  # rebuilt, not fatal
