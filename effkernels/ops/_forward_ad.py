@@ -26,6 +26,11 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 
+class ForwardADUnsupported(NotImplementedError):
+    """An op path with no forward-mode rule was reached while forward AD is open (it would drop the
+    tangent); the message names the op and the path that has a rule."""
+
+
 def active() -> bool:
     """True while a forward-mode AD level is open (torch.func.jvp/jacfwd or forward_ad.dual_level)."""
     return fwAD._current_level >= 0
@@ -37,7 +42,7 @@ def forbid_tangents(op: str, *tensors) -> None:
     if not active():
         return
     if any(isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None for t in tensors):
-        raise NotImplementedError(
+        raise ForwardADUnsupported(
             f"effkernels.ops.{op}: this path has no forward-mode AD (JVP) rule and would drop the tangent; "
             f"run the op's forward under torch.func.jvp / forward_ad (its forward-mode path), or see "
             f"docs/forward-ad.md")

@@ -20,7 +20,7 @@ math backend while a forward-AD level is open (PyTorch's fused CPU/CUDA kernels 
 derivative); the packed form's Triton and reference paths keep their forward with the analytic
 tangent of reference.jvp, one segment at a time, through ops._forward_ad.rule. flash-attn's varlen
 function has none: `auto` takes the Triton path (else the reference) instead while forward AD is
-open, and an explicit `cuda` raises a NotImplementedError naming the op.
+open, and an explicit `cuda` raises ForwardADUnsupported (a NotImplementedError) naming the op.
 """
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def _packed_path(requested: str, q: torch.Tensor, forward_ad: bool = False) -> s
     Raises where the request cannot be honoured for these tensors (no silent fallback)."""
     fa_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and backends.flash_attn_status()[0]
     if forward_ad and requested == "cuda":
-        raise NotImplementedError(
+        raise fad.ForwardADUnsupported(
             "effkernels.ops.visible_attention: backend 'cuda' (flash-attn's varlen kernel) has no forward-mode AD "
             "(JVP) rule; under torch.func.jvp / jacfwd / forward_ad use backend='triton' or 'reference' "
             "(or 'auto', which takes them)")

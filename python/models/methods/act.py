@@ -41,10 +41,10 @@ from torch import nn
 
 from .. import ddp
 from ..backbone import TimestepEmbedder
-from . import register_method
 from .base import AuxModule, ConfigError
 from .ct import CT
 from .options import add_options, opt, read_options
+from .registry import register_method
 
 
 class Discriminator(nn.Module):

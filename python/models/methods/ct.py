@@ -35,9 +35,9 @@ import torch
 
 from ..lpips_distance import LPIPSDistance
 from ..objectives import mean_prediction
-from . import register_method
 from .base import ConfigError, Method, draw_label_dropout
 from .options import add_options, opt, read_options
+from .registry import register_method
 
 NOISE_COND = {"cm": lambda s: 250.0 * torch.log(s), "raw": lambda s: s, "ect": lambda s: torch.log(s) / 4}
 

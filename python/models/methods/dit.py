@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from ..convert import Interop
 from ..diffusion import NUM_STEPS, DDPMObjective, GaussianDiffusion
-from . import register_method
 from .base import Method
+from .registry import register_method
 
 
 @register_method("dit")

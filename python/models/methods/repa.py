@@ -34,9 +34,9 @@ from effkernels.nn import AlignmentHead
 from effkernels.nn.routing import TokenPack
 
 from .. import encoders as enc
-from . import register_method
 from .base import ConfigError, Method
 from .options import add_options, opt, read_options
+from .registry import register_method
 
 # REPA's depths (its paper): k = 4 for B (depth 12), 8 for L/XL (depth 24/28). S shares B's depth
 # 12 and gets 4. Other depths (tiny/2 has 6): a third of the way up, REPA's own ratio (4/12, 8/24),

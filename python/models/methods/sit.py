@@ -5,8 +5,8 @@ nothing else. It is `Method`'s default objective, so this file only names it.
 """
 from __future__ import annotations
 
-from . import register_method
 from .base import Method
+from .registry import register_method
 
 
 @register_method("sit")

@@ -40,9 +40,9 @@ from effkernels.nn.routing import TokenPack
 
 from ..diffusion import GaussianDiffusion
 from ..objectives import interpolate
-from . import register_method
 from .base import ConfigError, Method, draw_label_dropout
 from .options import add_options, opt, read_options
+from .registry import register_method
 
 # (student depth, teacher depth) by model depth, from the authors' scripts: B (12) 3 -> 8 (their
 # SiT-B script), XL (28) 8 -> 20 (SiT; DiT-XL with learned sigma 8 -> 16). Other depths: a third and

@@ -34,9 +34,9 @@ from ..backbone import Route
 from ..objectives import mean_prediction
 from ..guidance import model_output
 from ..samplers import sample
-from . import register_method
 from .base import ConfigError, Method
 from .options import add_options, opt, read_options
+from .registry import register_method
 
 
 def default_routes(depth: int, ratio: float) -> list[Route]:
