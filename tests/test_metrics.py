@@ -133,3 +133,32 @@ def test_feature_net_bad_files(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(ValueError, match="bad.pt"):
         load_feature_net(str(bad))
+
+
+def test_load_or_fit_fits_once_then_loads_and_refits_an_unreadable_file(tmp_path, capsys):
+    from torch import nn
+
+    from effkernels.models.cache import load_or_fit
+
+    class Net(nn.Linear):
+        def __init__(self, n):
+            super().__init__(n, 1)
+            self.config = {"n": n}
+
+    calls = []
+
+    def fit():
+        calls.append(1)
+        net = Net(3)
+        nn.init.constant_(net.weight, 0.5)
+        return net, {"score": 0.9}
+
+    path = str(tmp_path / "sub" / "net.pt")
+    a, info_a, loaded_a = load_or_fit(path, Net, fit)
+    b, info_b, loaded_b = load_or_fit(path, Net, fit)
+    assert (loaded_a, loaded_b, len(calls)) == (False, True, 1) and info_b == {"score": 0.9}
+    assert torch.equal(b.weight, a.weight)
+    with open(path, "wb") as f:
+        f.write(b"not a checkpoint")
+    c, _, loaded_c = load_or_fit(path, Net, fit, what="test cache")
+    assert not loaded_c and len(calls) == 2 and "test cache" in capsys.readouterr().out

@@ -1,8 +1,36 @@
-"""The cache folder of fitted networks and derived files (EFFKERNELS_CACHE, default ~/.cache/effkernels)."""
+"""The cache of fitted networks (EFFKERNELS_CACHE, default ~/.cache/effkernels): the metric's classifier,
+REPA's data-trained encoder."""
 from __future__ import annotations
 
 import os
+import pickle
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .checkpoint import save_checkpoint
 
 
 def cache_dir() -> str:
     return os.environ.get("EFFKERNELS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "effkernels"))
+
+
+def load_or_fit(path: str, build: Callable[..., nn.Module], fit: Callable[[], tuple[nn.Module, dict]], *,
+                retrain: bool = False, what: str = "cached network") -> tuple[nn.Module, dict, bool]:
+    """(net, info, loaded): the network saved at `path` ({"config", "state", "info"}, a weights-only
+    checkpoint; `build(**config)` makes the module to load into), or `fit()` -> (net with a `.config`
+    dict, info) saved there. An unreadable file is refitted, saying so. Building the module to load
+    into leaves the caller's RNG as it was, so a run that loads and one that fits go on alike."""
+    if os.path.isfile(path) and not retrain:
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.random.fork_rng():  # its init is overwritten
+                net = build(**blob["config"])
+            net.load_state_dict(blob["state"])
+            return net, dict(blob["info"]), True
+        except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as e:
+            print(f"{what} {path!r} unreadable ({type(e).__name__}); refitting")
+    net, info = fit()
+    save_checkpoint({"config": net.config, "state": net.state_dict(), "info": info}, path)
+    return net, info, False

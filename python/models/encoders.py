@@ -30,7 +30,6 @@ import inspect
 import json
 import math
 import os
-import pickle
 import time
 from collections.abc import Callable
 
@@ -38,12 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import cache_dir
-from .checkpoint import save_checkpoint
+from .cache import cache_dir, load_or_fit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_DAE_VERSION = "v2"  # bump when the autoencoder's architecture or recipe changes: invalidates caches
+_DAE_VERSION = "v3"  # bump when the autoencoder's architecture or recipe changes: invalidates caches
 
 
 class EncoderError(ValueError):
@@ -336,19 +334,10 @@ class DataEncoder(nn.Module):
         if self.net is not None and not retrain:
             return
         path = self.cache_path(ds)
-        if os.path.isfile(path) and not retrain:
-            try:
-                blob = torch.load(path, map_location="cpu", weights_only=True)
-                with torch.random.fork_rng():  # its init is overwritten: leave the caller's RNG as it was
-                    net = DenoisingAutoencoder(**blob["config"])
-                net.load_state_dict(blob["state"])
-                self._set(net, {**blob["info"], "cached": True, "path": path})
-                return
-            except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as e:  # rebuilt, not fatal
-                print(f"repa encoder cache {path!r} unreadable ({type(e).__name__}); retraining")
-        net, info = train_dae(ds, verbose=verbose, **self.train_kw)
-        save_checkpoint({"config": net.config, "state": net.state_dict(), "info": info}, path)
-        self._set(net, {**info, "cached": False, "path": path})
+        net, info, loaded = load_or_fit(path, DenoisingAutoencoder,
+                                        lambda: train_dae(ds, verbose=verbose, **self.train_kw),
+                                        retrain=retrain, what="repa encoder cache")
+        self._set(net, {**info, "cached": loaded, "path": path})
 
     def _set(self, net, info):
         self.net = net.eval().requires_grad_(False)  # on the CPU; the method moves it to the data's device

@@ -9,7 +9,6 @@ a torch.export archive (.pt2) or a TorchScript file, loaded without unpickling a
 from __future__ import annotations
 
 import os
-import pickle
 import warnings
 
 import numpy as np
@@ -17,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import cache_dir
-from .checkpoint import save_checkpoint
+from .cache import cache_dir, load_or_fit
 
-_CLASSIFIER_VERSION = "v2"  # bump when the architecture or training recipe changes: invalidates caches
+_CLASSIFIER_VERSION = "v3"  # bump when the architecture or training recipe changes: invalidates caches
 
 
 # -----------------------------------------------------------------------------------------------
@@ -147,18 +145,13 @@ def _fit(net, opt, sched, x_tr, y_tr, g, epochs, batch_size, verbose):
 def get_classifier(ds, *, cache: str | None = None, retrain: bool = False, verbose: bool = False):
     """The cached classifier for ds (trained and cached on first use); returns (net, held-out accuracy)."""
     path = os.path.join(cache or cache_dir(), "feature_classifier", f"{ds.fingerprint()}-{_CLASSIFIER_VERSION}.pt")
-    if os.path.isfile(path) and not retrain:
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            with torch.random.fork_rng():  # its init is overwritten: leave the caller's RNG as it was
-                net = FeatureClassifier(**blob["config"])
-            net.load_state_dict(blob["state"])
-            return net.eval(), float(blob["accuracy"])
-        except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as e:  # rebuilt, not fatal
-            print(f"feature classifier cache {path!r} unreadable ({type(e).__name__}); retraining")
-    net, acc = train_classifier(ds, verbose=verbose)
-    save_checkpoint({"config": net.config, "state": net.state_dict(), "accuracy": acc}, path)
-    return net, acc
+
+    def fit():
+        net, acc = train_classifier(ds, verbose=verbose)
+        return net, {"accuracy": acc}
+
+    net, info, _ = load_or_fit(path, FeatureClassifier, fit, retrain=retrain, what="feature classifier cache")
+    return net.eval(), float(info["accuracy"])
 
 
 # -----------------------------------------------------------------------------------------------
