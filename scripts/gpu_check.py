@@ -1,5 +1,5 @@
 """The first GPU hour, prepared: build, GPU-only tests, bf16 training steps, micro- and whole-step
-benchmarks, in at most 8 minutes, results in at most 8 files. Run through scripts/gpu_check.sh.
+benchmarks (our trainer's, and diffusers' transformers patched vs unpatched), in at most 8 minutes, results in at most 8 files. Run through scripts/gpu_check.sh.
 
     scripts/gpu_check.sh OUT_DIR            # on a GPU machine
     scripts/gpu_check.sh --dry OUT_DIR      # on any machine, CPU tensors, tiny sizes, seconds
@@ -50,9 +50,9 @@ TOTAL_S = 465  # this program, build included; the wrapper's timeout adds 15 s o
 RESERVE_S = 10  # writing the outputs after the last step
 GRACE_S = 5  # timeout -k: SIGINT at the limit, SIGKILL this much later
 STEPS = ("env", "build", "test_ext_gpu", "test_triton_cuda", "test_flash_attn", "train_bf16", "micro",
-         "bench_train")
+         "bench_train", "bench_diffusers")
 BUDGET_S = {"env": 15, "build": 135, "test_ext_gpu": 20, "test_triton_cuda": 60, "test_flash_attn": 10,
-            "train_bf16": 45, "micro": 45, "bench_train": 80}
+            "train_bf16": 45, "micro": 45, "bench_train": 55, "bench_diffusers": 20}
 FALLBACK_BUILD_S = 25  # kept out of the nvcc build's window for a no-extension install if it fails
 OUTPUTS = ("summary.md", "summary.json", "log.txt", "micro.json", "bench.json")
 MAX_FILES = 8
@@ -86,6 +86,8 @@ def sizes(dry: bool, gpu_mem_gib: float) -> dict:
             "bench": [("tiny methods x {auto, reference}",
                        ["--model", "tiny/2", "--methods", "sit,tread", "--backend", "auto,reference", "--batch", "2",
                         "--steps", "1", "--warmup", "0", "--repeats", "1", "--no-memory", "--threads", "1"])],
+            "diffusers": ["--heads", "2", "--head-dim", "16", "--depth", "1", "--latent", "8", "--text-tokens", "4",
+                          "--batch", "2", "--steps", "1", "--warmup", "0", "--repeats", "1", "--threads", "1"],
             "device": "cpu",
         }
     big = gpu_mem_gib >= 100  # H200 (141 GB) vs H100 (80 GB)
@@ -110,6 +112,10 @@ def sizes(dry: bool, gpu_mem_gib: float) -> dict:
             (f"SiT-S/2 methods, compiled, batch {bs}", S2 + ["--batch", bs, "--methods", BENCH_METHODS, "--compile"] + timing),
             (f"SiT-XL/2 dense step, compiled, batch {bxl}", XL2 + ["--batch", bxl, "--whole-step", "--compile"] + timing),
         ],
+        # diffusers' DiT, PixArt, SD3, Flux at DiT-XL width (1152), 2 blocks (Flux: 2 double + 4 single),
+        # 256 image tokens, bf16 autocast: unpatched vs apply_effkernels, one short interleaved run
+        "diffusers": ["--heads", "16", "--head-dim", "72", "--depth", "2", "--latent", "32", "--text-tokens", "32",
+                      "--batch", "16", "--steps", "3", "--warmup", "1", "--repeats", "2"],
         "device": "cuda",
     }
 
@@ -536,6 +542,42 @@ def step_bench(run: Run, sz: dict) -> tuple[str, str, dict]:
     return ("passed" if runs and runs[0]["status"] == "passed" else "timeout"), reason, {}
 
 
+DIFFUSERS_PROBE_PY = r"""
+import importlib.util, json
+print("GPU_CHECK_JSON " + json.dumps({"diffusers": importlib.util.find_spec("diffusers") is not None}))
+"""
+
+
+def step_bench_diffusers(run: Run, sz: dict) -> tuple[str, str, dict]:
+    """bench/bench_diffusers.py: diffusers' transformers unpatched vs patched; its run joins bench.json's runs."""
+    r, probe = run.python(DIFFUSERS_PROBE_PY, what="(is diffusers installed)")
+    if probe is None:
+        return "timeout" if r["timed_out"] else "failed", "the diffusers probe did not finish (see log.txt)", {}
+    if not probe["diffusers"]:
+        why = "diffusers is not installed on this machine (nothing is downloaded at run time)"
+        return ("dry-skipped", f"dry: skipped: {why}", {}) if run.dry else ("skipped", why, {})
+    out = os.path.join(run.tmp, "bench_diffusers")
+    full = [run.py, "bench/bench_diffusers.py", *sz["diffusers"], "--device", sz["device"], "--out", out]
+    res = run.cmd(full, env=NO_INTERPRETER, what="(diffusers: unpatched vs effkernels)")
+    status = "passed" if res["rc"] == 0 else ("timeout" if res["timed_out"] else "failed")
+    rec = {"label": "diffusers DiT/PixArt/SD3/Flux, unpatched vs effkernels (bench/bench_diffusers.py)",
+           "command": shlex.join(full[1:]), "status": status, "s": round(res["s"], 1)}
+    if os.path.exists(os.path.join(out, "diffusers.json")):
+        with open(os.path.join(out, "diffusers.json")) as f:
+            rec["rows"] = json.load(f)["rows"]
+        with open(os.path.join(out, "diffusers.md")) as f:
+            rec["markdown"] = f.read()
+    run.bench.setdefault("runs", []).append(rec)
+    ratios = {r["model"]: round(r["speed_vs_diffusers"], 2) for r in rec.get("rows", []) if r["patched"]}
+    reason = f"rc {res['rc']}; speed vs diffusers {ratios}" if ratios else f"rc {res['rc']} (see log.txt)"
+    if status != "passed":
+        return status, reason, {"command": rec["command"]}
+    if run.dry:
+        return ("dry-skipped", ("dry: skipped the GPU shapes (width 1152, bf16 autocast); ran the tiny CPU shapes "
+                                f"through the same harness (not GPU numbers): {reason}"), {"command": rec["command"]})
+    return "passed", reason, {"command": rec["command"]}
+
+
 # ------------------------------------------------------------------------------------------------
 # The summary
 # ------------------------------------------------------------------------------------------------
@@ -572,7 +614,7 @@ def render(summary: dict, micro: dict, bench: dict) -> str:
             lines += [f"| {r['op']} | {r['direction']} | {r['shape']} | {r['backend']} | {r['gb_per_s']:.0f} | "
                       f"{100 * r['fraction_of_peak']:.0f} |" for r in peak]
     if bench.get("runs"):
-        lines += ["", "## Whole-step benchmarks (bench/bench_train.py)"]
+        lines += ["", "## Whole-step benchmarks (bench/bench_train.py, bench/bench_diffusers.py)"]
         for r in bench["runs"]:
             lines += ["", f"### {r['label']}: {r['status']}{' (' + r['reason'] + ')' if r.get('reason') else ''}", "",
                       f"`{r['command']}`"]
@@ -630,8 +672,9 @@ def main(argv=None) -> int:
     run = Run(a)
     funcs = {"env": step_env, "build": step_build, "test_ext_gpu": step_test_ext_gpu,
              "test_triton_cuda": step_test_triton_cuda, "test_flash_attn": step_test_flash_attn,
-             "train_bf16": step_train, "micro": step_micro, "bench_train": step_bench}
-    needs_sizes = {"test_triton_cuda", "train_bf16", "micro", "bench_train"}
+             "train_bf16": step_train, "micro": step_micro, "bench_train": step_bench,
+             "bench_diffusers": step_bench_diffusers}
+    needs_sizes = {"test_triton_cuda", "train_bf16", "micro", "bench_train", "bench_diffusers"}
     run.log(f"gpu_check {'--dry ' if a.dry else ''}{a.out_dir}: python {a.python}, steps {','.join(a.only)}\n")
     try:
         for name in STEPS:

@@ -4,6 +4,7 @@ on CPU tensors: the patched model's forward and every parameter gradient match t
 patched model, AdamW steps, revert bit-identical, unsupported modules reported by name, the version
 check; TREAD over the block list equal to a dense run of the routed blocks on the kept tokens."""
 import contextlib
+import json
 import logging
 import os
 import re
@@ -381,3 +382,27 @@ def test_docs_examples_run_as_written():
     for code in blocks:
         torch.manual_seed(0)
         exec(compile(code, "docs/diffusers.md", "exec"), {"__name__": "docs_example"})
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmark harness (bench/bench_diffusers.py): a well-formed table from one tiny run
+# ------------------------------------------------------------------------------------------------
+
+def test_bench_harness_writes_one_row_pair_per_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import bench_diffusers
+
+    rc = bench_diffusers.main(["--heads", "2", "--head-dim", "16", "--depth", "1", "--latent", "8",
+                               "--text-tokens", "4", "--batch", "2", "--steps", "1", "--warmup", "0",
+                               "--repeats", "2", "--backend", "cpp", "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "diffusers.json").read_text())
+    assert res["machine"]["diffusers"] == diffusers.__version__
+    rows = res["rows"]
+    assert [r["row"] for r in rows] == [f"{m} {k}" for m in MODELS for k in ("diffusers", "effkernels [cpp]")]
+    assert all(r["rounds"] == 2 and r["s_per_step"] > 0 and r["speed_vs_diffusers"] > 0 for r in rows)
+    assert all(r["speed_vs_diffusers"] == 1.0 for r in rows if not r["patched"])
+    assert "speed vs diffusers" in (tmp_path / "diffusers.md").read_text()
+    with pytest.raises(SystemExit):
+        bench_diffusers.parse(["--models", "unet"])
+    assert "--models: unknown unet" in capsys.readouterr().err
