@@ -191,16 +191,25 @@ def test_triton_backend_under_the_interpreter(name):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_compiled_patched_model_matches_eager(name):
-    """torch.compile (aot_eager: AOTAutograd's graphs, eager kernels; inductor costs minutes here) of
-    the patched model on the cpp backend: the custom ops trace without error, forward and grads match."""
+    """torch.compile(fullgraph=True) (aot_eager: AOTAutograd's graphs, eager kernels; inductor costs
+    minutes here) of the patched model on the cpp backend: one graph holding our custom ops, forward
+    and grads equal to eager."""
     m, inp = build(name)
     effd.apply_effkernels(m, backend="cpp")
     ref_out, ref_g = grads(m, inp)
     torch._dynamo.reset()
-    cm = torch.compile(m, backend="aot_eager")
+    traced = []
+
+    def backend(gm, example_inputs):  # aot_eager, noting which ops the captured graph holds
+        traced.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    cm = torch.compile(m, backend=backend, fullgraph=True)  # fullgraph: no graph break anywhere
     out, g = grads(cm, inp)
     g = {n.removeprefix("_orig_mod."): v for n, v in g.items()}
     assert_matches(out, g, ref_out, ref_g, TOL[torch.float32], TOL_REDUCE[torch.float32])
+    assert {t for t in traced if "effkernels" in t} >= {"effkernels.gated_residual.default",
+                                                       "effkernels.modulate_layernorm.default"}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
