@@ -200,8 +200,9 @@ def parse(argv=None):
 def main(argv=None) -> int:
     a = parse(argv)
     try:
-        from effkernels.integrations.diffusers import apply_effkernels
         import diffusers
+
+        from effkernels.integrations.diffusers import apply_effkernels
     except ImportError as e:
         print(f"bench_diffusers: error: diffusers is not installed ({e}); pip install 'effkernels[diffusers]'",
               file=sys.stderr)

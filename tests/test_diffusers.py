@@ -15,15 +15,14 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel,  # noqa: E402
-                       SD3Transformer2DModel)
-from diffusers.models.attention import BasicTransformerBlock  # noqa: E402
-from diffusers.models.normalization import AdaLayerNorm, AdaLayerNormContinuous, AdaLayerNormZero  # noqa: E402
-from helpers import TOL, TOL_REDUCE, rel_err  # noqa: E402
+from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.normalization import AdaLayerNorm, AdaLayerNormContinuous, AdaLayerNormZero
+from helpers import TOL, TOL_REDUCE, rel_err
 
-from effkernels import ops  # noqa: E402
-from effkernels.integrations import diffusers as effd  # noqa: E402
-from effkernels.integrations.tread import RoutedBlocks, apply_tread, remove_tread  # noqa: E402
+from effkernels import ops
+from effkernels.integrations import diffusers as effd
+from effkernels.integrations.tread import RoutedBlocks, apply_tread, remove_tread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = 3
@@ -332,7 +331,7 @@ def test_version_range_is_checked_and_declared_once(monkeypatch):
     assert not effd.patched_modules(m)
     assert effd.apply_effkernels(m, allow_other_versions=True).patched
     text = open(os.path.join(ROOT, "pyproject.toml")).read()
-    assert re.search(r'^diffusers = \["' + re.escape(effd.DIFFUSERS_REQUIREMENT) + r'"\]', text, re.M)
+    assert re.search(r'^diffusers = \["' + re.escape(effd.DIFFUSERS_REQUIREMENT) + r'"\]', text, re.MULTILINE)
 
 
 def test_arguments_and_a_missing_diffusers_are_clear_errors(monkeypatch):
@@ -401,13 +400,11 @@ def test_tread_identity_route_is_the_dense_model_and_errors_name_their_argument(
         assert torch.equal(run(m, inp)[0], dense)
     with pytest.raises(ValueError, match="1 <= start <= end <= 2"):
         RoutedBlocks(list(blocks), 2, 3)
-    with pytest.raises(ValueError, match="idx"):
-        with blocks.route(torch.tensor([[0, 0]] * B)):  # a duplicate position
-            run(m, inp)
-    with blocks.route(torch.arange(4).expand(B, 4)):
-        with pytest.raises(ValueError, match="attention_mask"):
-            list(blocks)[0](torch.randn(B, 16, 16), attention_mask=torch.ones(B, 16))
-    with pytest.raises(ValueError, match="model.blocks must be an nn.ModuleList"):
+    with pytest.raises(ValueError, match="idx"), blocks.route(torch.tensor([[0, 0]] * B)):  # a duplicate position
+        run(m, inp)
+    with blocks.route(torch.arange(4).expand(B, 4)), pytest.raises(ValueError, match="attention_mask"):
+        list(blocks)[0](torch.randn(B, 16, 16), attention_mask=torch.ones(B, 16))
+    with pytest.raises(TypeError, match="model.blocks must be an nn.ModuleList"):
         apply_tread(m, 1, 1, attr="blocks")
 
 
@@ -417,7 +414,7 @@ def test_tread_identity_route_is_the_dense_model_and_errors_name_their_argument(
 
 def _doc_blocks() -> list[str]:
     text = open(os.path.join(ROOT, "docs", "diffusers.md")).read()
-    return re.findall(r"```python\n(.*?)```", text, re.S)
+    return re.findall(r"```python\n(.*?)```", text, re.DOTALL)
 
 
 def test_docs_examples_run_as_written():

@@ -329,8 +329,12 @@ def _rules():
     """[(diffusers class, forward, check(module) -> None or the reason it is left, what)], in the
     installed diffusers."""
     from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
-    from diffusers.models.normalization import (AdaLayerNormContinuous, AdaLayerNormZero,
-                                                AdaLayerNormZeroSingle, SD35AdaLayerNormZeroX)
+    from diffusers.models.normalization import (
+        AdaLayerNormContinuous,
+        AdaLayerNormZero,
+        AdaLayerNormZeroSingle,
+        SD35AdaLayerNormZeroX,
+    )
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
     from diffusers.models.transformers.transformer_sd3 import SD3SingleTransformerBlock
 

@@ -117,7 +117,7 @@ def apply_tread(model: nn.Module, start: int, end: int, *, attr: str = "transfor
     """Replace model.<attr> (an nn.ModuleList) by a RoutedBlocks over the same blocks; returns it."""
     blocks = getattr(model, attr, None)
     if not isinstance(blocks, nn.ModuleList):
-        raise ValueError(f"model.{attr} must be an nn.ModuleList of blocks, got {type(blocks).__name__}")
+        raise TypeError(f"model.{attr} must be an nn.ModuleList of blocks, got {type(blocks).__name__}")
     routed = RoutedBlocks(blocks, start, end, backend=backend)
     setattr(model, attr, routed)
     return routed
@@ -127,5 +127,5 @@ def remove_tread(model: nn.Module, *, attr: str = "transformer_blocks") -> None:
     """Put a plain nn.ModuleList of the same blocks back in model.<attr>."""
     blocks = getattr(model, attr, None)
     if not isinstance(blocks, RoutedBlocks):
-        raise ValueError(f"model.{attr} is not a RoutedBlocks (apply_tread was not called), got {type(blocks).__name__}")
+        raise TypeError(f"model.{attr} is not a RoutedBlocks (apply_tread was not called), got {type(blocks).__name__}")
     setattr(model, attr, nn.ModuleList(list(nn.ModuleList.__iter__(blocks))))
