@@ -39,7 +39,8 @@ CPP_FASTER_ON_CPU: frozenset[str] = frozenset({
 # Ops the extension implements for CPU tensors only: on CUDA tensors their kernel path is Triton's
 # (the fused projection + cosine is matmuls, which tl.dot tiles; a hand-written CUDA GEMM would not
 # beat it), so auto skips `cuda` for them and asking for it by name is an error.
-NO_CUDA_KERNEL: frozenset[str] = frozenset({"projected_cosine"})
+NO_CUDA_KERNEL: frozenset[str] = frozenset({"projected_cosine", "rmsnorm_modulate",
+                                            "gated_residual_rmsnorm_modulate"})
 
 _local = threading.local()
 
