@@ -40,7 +40,7 @@ CPP_FASTER_ON_CPU: frozenset[str] = frozenset({
 # (the fused projection + cosine is matmuls, which tl.dot tiles; a hand-written CUDA GEMM would not
 # beat it), so auto skips `cuda` for them and asking for it by name is an error.
 NO_CUDA_KERNEL: frozenset[str] = frozenset({"projected_cosine", "rmsnorm_modulate",
-                                            "gated_residual_rmsnorm_modulate"})
+                                            "gated_residual_rmsnorm_modulate", "swiglu", "rope2d"})
 
 _local = threading.local()
 

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-FAMILIES = ("routing", "adaln", "align", "attention", "rmsnorm")
+FAMILIES = ("routing", "adaln", "align", "attention", "rmsnorm", "swiglu", "rope")
 
 
 def specs():
