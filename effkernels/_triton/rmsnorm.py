@@ -43,7 +43,7 @@ def _rms_fwd_kernel(X, Y, G, SHIFT, SCALE, W, H, OUT, RSTD,
     cmask = cols < D
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    for t in range(0, tl.cdiv(n_end - n0, BLOCK_N)):
+    for t in range(tl.cdiv(n_end - n0, BLOCK_N)):
         # int64 row index: offsets of tensors over 2**31 elements must not wrap.
         n = (n0 + t * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         rmask = n < n_end
@@ -91,7 +91,7 @@ def _rms_bwd_kernel(DOUT, DH, X, Y, G, SCALE, W, RSTD,
     acc_sc = tl.zeros((BLOCK_D,), tl.float32)
     acc_g = tl.zeros((BLOCK_D,), tl.float32)
     acc_w = tl.zeros((BLOCK_D,), tl.float32)
-    for t in range(0, tl.cdiv(n_end - n0, BLOCK_N)):
+    for t in range(tl.cdiv(n_end - n0, BLOCK_N)):
         n = (n0 + t * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         rmask = n < n_end
         mask = rmask[:, None] & cmask[None, :]
@@ -136,9 +136,8 @@ def _rms_bwd_kernel(DOUT, DH, X, Y, G, SCALE, W, RSTD,
         tl.store(PART + prow + cols, acc_sh, mask=cmask)
     if scale_pt == 0:
         tl.store(PART + stride_part + prow + cols, acc_sc, mask=cmask)
-    if FUSED:
-        if gate_pt == 0:
-            tl.store(PART + 2 * stride_part + prow + cols, acc_g, mask=cmask)
+    if FUSED and gate_pt == 0:
+        tl.store(PART + 2 * stride_part + prow + cols, acc_g, mask=cmask)
     if HAS_WEIGHT:
         tl.store(PART + 3 * stride_part + prow + cols, acc_w, mask=cmask)
 
@@ -186,7 +185,7 @@ def _bwd(dh, dout, x, y, gate, shift, scale, weight, rstd):
             raise ValueError(f"{name} must have shape {tuple(x.shape)} and unit last stride, got "
                              f"{tuple(t.shape)} strides {t.stride()}")
     _check_rstd(rstd, B, N)
-    full = dict(dtype=x.dtype, device=x.device)
+    full = {"dtype": x.dtype, "device": x.device}
     dx = torch.empty((B, N, D), **full)
     dy = torch.empty((B, N, D), **full) if fused else None
     shift_pt, scale_pt = shift.dim() == 3, scale.dim() == 3

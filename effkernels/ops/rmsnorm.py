@@ -67,7 +67,7 @@ def _(dout, x, shift, scale, weight, rstd, backend):
 
 
 def _rms_setup(ctx, inputs, output):
-    x, shift, scale, weight, eps, backend = inputs
+    x, shift, scale, weight, _eps, backend = inputs
     ctx.save_for_backward(x, shift, scale, weight, output[1])
     ctx.backend = backend
 
@@ -133,7 +133,7 @@ def _(dh, dout, h, y, gate, shift, scale, weight, rstd, backend):
 
 
 def _fused_setup(ctx, inputs, output):
-    x, y, gate, shift, scale, weight, eps, backend = inputs
+    _x, y, gate, shift, scale, weight, _eps, backend = inputs
     h, _, rstd = output
     ctx.save_for_backward(h, y, gate, shift, scale, weight, rstd)
     ctx.backend = backend
