@@ -31,7 +31,7 @@ template <typename T, int V> struct Ld {
 
 template <typename T, int V, bool FUSED> __global__ void ln_fwd_kernel(LnArgs<T> a) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
-  if (r >= a.B * a.N) return;
+  if (r >= a.B * a.N + EK_SIM_BREAK(2)) return;
   const int64_t bi = r / a.N, n = r % a.N;
   const int lane = threadIdx.x;
   const T* src = a.x.row(bi, n);
@@ -234,7 +234,6 @@ template <typename T, int V> __global__ void gr_bwd_row_kernel(LnArgs<T> a) {
 
 inline dim3 row_grid(int64_t rows) { return dim3(blocks_for(rows, kRowsPerBlock)); }
 inline dim3 row_block() { return dim3(kWarp, kRowsPerBlock); }
-inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // V is 16 / sizeof(T) when every row is aligned for it, else 1 (chosen by the host code).
 #define EK_VEC_SWITCH(T, V, ...)                                        \
@@ -242,37 +241,37 @@ inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream()
   else { constexpr int VV = 1; __VA_ARGS__; }
 
 template <typename T, bool FUSED> void fwd_cuda(const LnArgs<T>& a, int V) {
-  EK_VEC_SWITCH(T, V, ln_fwd_kernel<T, VV, FUSED><<<row_grid(a.B * a.N), row_block(), 0, stream()>>>(a));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  EK_VEC_SWITCH(T, V, EK_LAUNCH(row_grid(a.B * a.N), row_block(), EK_STREAM(), ln_fwd_kernel<T, VV, FUSED>)(a));
+  EK_LAUNCH_CHECK();
 }
 
 template <typename T> void gr_fwd_cuda(const LnArgs<T>& a, int V) {
-  EK_VEC_SWITCH(T, V, gr_fwd_kernel<T, VV><<<row_grid(a.B * a.N), row_block(), 0, stream()>>>(a));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  EK_VEC_SWITCH(T, V, EK_LAUNCH(row_grid(a.B * a.N), row_block(), EK_STREAM(), gr_fwd_kernel<T, VV>)(a));
+  EK_LAUNCH_CHECK();
 }
 
 template <typename T> void finalize_cuda(const LnArgs<T>& a, bool gate) {
-  finalize_kernel<T><<<blocks_for(a.B * a.D, 256), 256, 0, stream()>>>(a, gate);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  EK_LAUNCH(blocks_for(a.B * a.D, 256), 256, EK_STREAM(), finalize_kernel<T>)(a, gate);
+  EK_LAUNCH_CHECK();
 }
 
 template <typename T, int MODE> void col_cuda(const LnArgs<T>& a, const float* rowsum) {
   dim3 grid(blocks_for(a.D, kColThreads), static_cast<unsigned>(a.P), static_cast<unsigned>(a.B));
-  col_kernel<T, MODE><<<grid, kColThreads, 0, stream()>>>(a, rowsum);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  EK_LAUNCH(grid, kColThreads, EK_STREAM(), col_kernel<T, MODE>)(a, rowsum);
+  EK_LAUNCH_CHECK();
 }
 
 template <typename T, bool FUSED> void bwd_cuda(const LnArgs<T>& a, int V, float* rowsum, bool need_cols) {
-  EK_VEC_SWITCH(T, V, ln_bwd_row_kernel<T, VV, FUSED><<<row_grid(a.B * a.N), row_block(), 0, stream()>>>(a, rowsum));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  EK_VEC_SWITCH(T, V, EK_LAUNCH(row_grid(a.B * a.N), row_block(), EK_STREAM(), ln_bwd_row_kernel<T, VV, FUSED>)(a, rowsum));
+  EK_LAUNCH_CHECK();
   if (!need_cols) return;
   col_cuda<T, FUSED ? 1 : 0>(a, rowsum);
   finalize_cuda<T>(a, FUSED);
 }
 
 template <typename T> void gr_bwd_cuda(const LnArgs<T>& a, int V) {
-  EK_VEC_SWITCH(T, V, gr_bwd_row_kernel<T, VV><<<row_grid(a.B * a.N), row_block(), 0, stream()>>>(a));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  EK_VEC_SWITCH(T, V, EK_LAUNCH(row_grid(a.B * a.N), row_block(), EK_STREAM(), gr_bwd_row_kernel<T, VV>)(a));
+  EK_LAUNCH_CHECK();
   if (a.gate_tok) return;
   col_cuda<T, 2>(a, nullptr);
   finalize_cuda<T>(a, true);

@@ -73,8 +73,8 @@ void fwd_impl(const Tensor& x, const Tensor* y, const Tensor* gate, const Tensor
     a.rstd = rstd.data_ptr<float>();
     if (y) { a.y = cr<scalar_t>(*y); a.gate = cr<scalar_t>(*gate); a.h = wr<scalar_t>(*h); }
 #ifdef EK_CUDA
-    if (x.is_cuda()) {
-      c10::cuda::CUDAGuard guard(x.device());
+    if (EK_ON_DEVICE(x)) {
+      EK_DEVICE_GUARD(x);
       if (y) fwd_cuda<scalar_t, true>(a, V); else fwd_cuda<scalar_t, false>(a, V);
       return;
     }
@@ -129,7 +129,7 @@ std::vector<Tensor> bwd_impl(const Tensor* dh, const Tensor& dout, const Tensor&
   Tensor db = defined(b) ? at::empty_like(*b) : at::empty({0}, x.options());
   const bool gate_tok = gate && gate->dim() == 3;
   const bool need_cols = shift.dim() == 2 || scale.dim() == 2 || defined(w) || defined(b) || (dh && !gate_tok);
-  const bool cuda = x.is_cuda();
+  const bool cuda = EK_ON_DEVICE(x);
   const int64_t chunk = cuda ? 32 : kCpuRowChunk;
   const int64_t P = num_chunks(x.size(1), chunk);
   Tensor part = need_cols ? at::zeros({x.size(0), P, kSlots, x.size(2)}, x.options().dtype(at::kFloat)) : Tensor();
@@ -160,7 +160,7 @@ std::vector<Tensor> bwd_impl(const Tensor* dh, const Tensor& dout, const Tensor&
     }
 #ifdef EK_CUDA
     if (cuda) {
-      c10::cuda::CUDAGuard guard(x.device());
+      EK_DEVICE_GUARD(x);
       Tensor rowsum = (dh && !gate_tok) ? at::empty({x.size(0) * x.size(1), 2}, part.options()) : Tensor();
       float* rs = rowsum.defined() ? rowsum.data_ptr<float>() : nullptr;
       if (dh) bwd_cuda<scalar_t, true>(a, V, rs, need_cols); else bwd_cuda<scalar_t, false>(a, V, rs, need_cols);
@@ -201,7 +201,7 @@ void gated_residual_fwd_out(const Tensor& x, const Tensor& y, const Tensor& gate
     a.x = cr<scalar_t>(x); a.y = cr<scalar_t>(y); a.gate = cr<scalar_t>(gate); a.out = wr<scalar_t>(out);
     a.B = x.size(0); a.N = x.size(1); a.D = x.size(2);
 #ifdef EK_CUDA
-    if (x.is_cuda()) { c10::cuda::CUDAGuard guard(x.device()); gr_fwd_cuda<scalar_t>(a, V); return; }
+    if (EK_ON_DEVICE(x)) { EK_DEVICE_GUARD(x); gr_fwd_cuda<scalar_t>(a, V); return; }
 #endif
     (void)V;
     gr_fwd_cpu<scalar_t>(a);
@@ -219,7 +219,7 @@ std::tuple<Tensor, Tensor> gated_residual_bwd(const Tensor& dout, const Tensor& 
   TORCH_CHECK(dout.sizes() == y.sizes(), "dout must have y's shape");
   Tensor dy = at::empty(y.sizes(), y.options()), dgate = empty_like_rows(gate);
   const bool gate_tok = gate.dim() == 3;
-  const bool cuda = y.is_cuda();
+  const bool cuda = EK_ON_DEVICE(y);
   const int64_t chunk = cuda ? 32 : kCpuRowChunk;
   const int64_t P = num_chunks(y.size(1), chunk);
   Tensor part = gate_tok ? Tensor() : at::zeros({y.size(0), P, kSlots, y.size(2)}, y.options().dtype(at::kFloat));
@@ -232,7 +232,7 @@ std::tuple<Tensor, Tensor> gated_residual_bwd(const Tensor& dout, const Tensor& 
     a.B = y.size(0); a.N = y.size(1); a.D = y.size(2); a.P = P; a.chunk = chunk; a.gate_tok = gate_tok;
     a.part = gate_tok ? nullptr : part.data_ptr<float>();
 #ifdef EK_CUDA
-    if (cuda) { c10::cuda::CUDAGuard guard(y.device()); gr_bwd_cuda<scalar_t>(a, V); return; }
+    if (cuda) { EK_DEVICE_GUARD(y); gr_bwd_cuda<scalar_t>(a, V); return; }
 #endif
     (void)V;
     gr_bwd_cpu<scalar_t>(a);
@@ -254,7 +254,7 @@ std::tuple<Tensor, Tensor> gated_residual_bwd(const Tensor& dout, const Tensor& 
   m.impl("fused_fwd", &ek::fused_fwd);                             \
   m.impl("fused_bwd", &ek::fused_bwd);
 
-TORCH_LIBRARY_IMPL(effkernels_C, CPU, m) { EK_ADALN_IMPLS(m) }
-#ifdef EK_CUDA
-TORCH_LIBRARY_IMPL(effkernels_C, CUDA, m) { EK_ADALN_IMPLS(m) }
+EK_TORCH_LIBRARY_IMPL(CPU, m) { EK_ADALN_IMPLS(m) }
+#ifdef EK_NVCC
+EK_TORCH_LIBRARY_IMPL(CUDA, m) { EK_ADALN_IMPLS(m) }
 #endif

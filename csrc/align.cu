@@ -91,10 +91,9 @@ template <typename TA, typename TB, bool BWD> void cos_cuda(const CosArgs<TA, TB
   // Both operands advance V elements per step; V makes the wider of the two a 16-byte load.
   constexpr int V = 16 / (sizeof(TA) > sizeof(TB) ? sizeof(TA) : sizeof(TB));
   dim3 grid(blocks_for(p.B * p.N, kRowsPerBlock)), block(kWarp, kRowsPerBlock);
-  cudaStream_t st = c10::cuda::getCurrentCUDAStream().stream();
-  if (vec) cos_kernel<TA, TB, V, BWD><<<grid, block, 0, st>>>(p);
-  else cos_kernel<TA, TB, 1, BWD><<<grid, block, 0, st>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (vec) EK_LAUNCH(grid, block, EK_STREAM(), cos_kernel<TA, TB, V, BWD>)(p);
+  else EK_LAUNCH(grid, block, EK_STREAM(), cos_kernel<TA, TB, 1, BWD>)(p);
+  EK_LAUNCH_CHECK();
 }
 #endif
 
@@ -126,8 +125,8 @@ void cos_run(const Tensor& zh, const Tensor& z_in, double eps, const Tensor* dco
         p.cos = out.data_ptr<float>();
       }
 #ifdef EK_CUDA
-      if (zh.is_cuda()) {
-        c10::cuda::CUDAGuard guard(zh.device());
+      if (EK_ON_DEVICE(zh)) {
+        EK_DEVICE_GUARD(zh);
         constexpr int V = 16 / (sizeof(TA) > sizeof(TB) ? sizeof(TA) : sizeof(TB));
         const bool vec = zh.size(2) % V == 0 && vec_ok(zh, V) && vec_ok(z, V) && (!dcos || vec_ok(out, V));
         if (dcos) cos_cuda<TA, TB, true>(p, vec); else cos_cuda<TA, TB, false>(p, vec);
@@ -170,12 +169,12 @@ Tensor cosine_bwd(const Tensor& dcos, const Tensor& zh, const Tensor& z, double 
   m.impl("cosine_fwd_out", &ek::cosine_fwd_out);     \
   m.impl("cosine_bwd", &ek::cosine_bwd);
 
-TORCH_LIBRARY_IMPL(effkernels_C, CPU, m) {
+EK_TORCH_LIBRARY_IMPL(CPU, m) {
   EK_ALIGN_IMPLS(m)
   m.impl("proj_cosine_fwd", &ek::proj_cosine_fwd);
   m.impl("proj_cosine_fwd_out", &ek::proj_cosine_fwd_out);
   m.impl("proj_cosine_bwd", &ek::proj_cosine_bwd);
 }
-#ifdef EK_CUDA
-TORCH_LIBRARY_IMPL(effkernels_C, CUDA, m) { EK_ALIGN_IMPLS(m) }
+#ifdef EK_NVCC
+EK_TORCH_LIBRARY_IMPL(CUDA, m) { EK_ALIGN_IMPLS(m) }
 #endif

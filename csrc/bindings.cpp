@@ -8,9 +8,13 @@
 
 #include <torch/library.h>
 
-TORCH_LIBRARY(effkernels_C, m) {
+#include "launch.h"  // EK_LIB: effkernels_C, or effkernels_sim in the simulator build (effkernels._C_sim)
+
+EK_TORCH_LIBRARY(m) {
+#ifndef EFFK_SIM
   // Fake kernels live in that module; torch imports it when it needs them.
   m.set_python_module("effkernels._ext");
+#endif
   // routing: x (B, N, D), idx (B, K) int32/int64
   m.def("gather(Tensor x, Tensor idx) -> Tensor");
   m.def("gather_out(Tensor x, Tensor idx, Tensor(a!) out) -> ()");
@@ -42,12 +46,23 @@ TORCH_LIBRARY(effkernels_C, m) {
         " Tensor(a!) cos, Tensor(b!) norms) -> ()");
   m.def("proj_cosine_bwd(Tensor dcos, Tensor h, Tensor weight, Tensor? bias, Tensor z, Tensor cos, Tensor norms,"
         " float eps, int chunk) -> (Tensor, Tensor, Tensor)");
+  // rmsnorm: shift/scale/gate (B, D) or (B, N, D) with any row strides; rstd float32 (B, N)
+  m.def("rms_modulate_fwd(Tensor x, Tensor shift, Tensor scale, Tensor? weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_modulate_fwd_out(Tensor x, Tensor shift, Tensor scale, Tensor? weight, float eps, Tensor(a!) out)"
+        " -> Tensor");
+  m.def("rms_modulate_bwd(Tensor dout, Tensor x, Tensor shift, Tensor scale, Tensor? weight, Tensor rstd)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("rms_fused_fwd(Tensor x, Tensor y, Tensor gate, Tensor shift, Tensor scale, Tensor? weight, float eps)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("rms_fused_bwd(Tensor dh, Tensor dout, Tensor h, Tensor y, Tensor gate, Tensor shift, Tensor scale,"
+        " Tensor? weight, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // -DEFFK_CUDA_ARCHS=8.0_9.0 (a preprocessor number: '_' stands for ';' and 'p' for '+').
 #define EK_STR2(...) #__VA_ARGS__
 #define EK_STR(x) EK_STR2(x)
 
+#ifndef EFFK_SIM  // the simulator's module is csrc/sim/module.cpp
 static PyModuleDef ek_module = {PyModuleDef_HEAD_INIT, "_C",
                                 "effkernels' compiled ops; see torch.ops.effkernels_C and effkernels._ext.", -1,
                                 nullptr};
@@ -74,3 +89,4 @@ PyMODINIT_FUNC PyInit__C(void) {
   }
   return mod;
 }
+#endif

@@ -20,12 +20,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#if defined(WITH_CUDA) && defined(__CUDACC__)
-#define EK_CUDA 1
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
+#include "launch.h"  // EK_CUDA, EK_LAUNCH and the rest of the launch layer (nvcc or the simulator)
 
 // C10_HOST_DEVICE is `__host__ __device__` under nvcc and empty under g++, so everything marked
 // EK_HD compiles in both builds and is the one copy of the arithmetic both paths run.
@@ -114,7 +109,7 @@ constexpr int kWarp = 32;
 
 template <typename A> __device__ __forceinline__ A warp_sum(A v) {
 #pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o + EK_SIM_BREAK(1));
   return v;
 }
 
@@ -122,9 +117,11 @@ template <typename A> __device__ __forceinline__ A warp_sum(A v) {
 template <typename T, int V> struct alignas(sizeof(T) * V) Vec { T v[V]; };
 
 template <typename T, int V> __device__ __forceinline__ Vec<T, V> vload(const T* p) {
+  EK_SIM_ACCESS(p, sizeof(Vec<T, V>), false);
   return *reinterpret_cast<const Vec<T, V>*>(p);
 }
 template <typename T, int V> __device__ __forceinline__ void vstore(T* p, const Vec<T, V>& v) {
+  EK_SIM_ACCESS(p, sizeof(Vec<T, V>), true);
   *reinterpret_cast<Vec<T, V>*>(p) = v;
 }
 

@@ -57,7 +57,7 @@ template <typename T, typename I, int V> __global__ void route_kernel(RouteArgs<
   const int64_t b = r / a.K, k = r % a.K;
   int64_t s, d;
   const bool ok = route_rows<I>(a.mode, a.idx, b, k, a.K, a.N, &s, &d);
-  CUDA_KERNEL_ASSERT(ok && "idx value out of range");
+  EK_KERNEL_ASSERT(ok && "idx value out of range");
   if (!ok) return;
   T* dst = a.dst.row(b, d);
   Vec<T, V> zero;
@@ -69,10 +69,9 @@ template <typename T, typename I, int V> __global__ void route_kernel(RouteArgs<
 
 template <typename T, typename I> void route_cuda(const RouteArgs<T, I>& a, bool vec) {
   dim3 grid(blocks_for(a.B * a.K, kRowsPerBlock)), block(kWarp, kRowsPerBlock);
-  cudaStream_t st = c10::cuda::getCurrentCUDAStream().stream();
-  if (vec) route_kernel<T, I, 16 / sizeof(T)><<<grid, block, 0, st>>>(a);
-  else route_kernel<T, I, 1><<<grid, block, 0, st>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (vec) EK_LAUNCH(grid, block, EK_STREAM(), route_kernel<T, I, 16 / sizeof(T)>)(a);
+  else EK_LAUNCH(grid, block, EK_STREAM(), route_kernel<T, I, 1>)(a);
+  EK_LAUNCH_CHECK();
 }
 #endif
 
@@ -92,8 +91,8 @@ void run(int mode, const Tensor* src, const Tensor& dst, const Tensor& idx, int6
       RouteArgs<T, index_t> a{src ? crows_of<T>(*src) : Rows<const T>{nullptr, 0, 0}, rows_of<T>(dst),
                               mode == kCopy ? nullptr : ix.const_data_ptr<index_t>(), B, K, N, D, mode};
 #ifdef EK_CUDA
-      if (dst.is_cuda()) {
-        c10::cuda::CUDAGuard guard(dst.device());
+      if (EK_ON_DEVICE(dst)) {
+        EK_DEVICE_GUARD(dst);
         const int V = static_cast<int>(16 / sizeof(T));
         route_cuda<T, index_t>(a, D % V == 0 && vec_ok(dst, V) && (!src || vec_ok(*src, V)));
         return;
@@ -160,7 +159,7 @@ Tensor scatter(const OptT& x, const OptT& x_sub, const Tensor& idx, int64_t num_
   m.impl("scatter", &ek::scatter);               \
   m.impl("scatter_out", &ek::scatter_out);
 
-TORCH_LIBRARY_IMPL(effkernels_C, CPU, m) { EK_ROUTING_IMPLS(m) }
-#ifdef EK_CUDA
-TORCH_LIBRARY_IMPL(effkernels_C, CUDA, m) { EK_ROUTING_IMPLS(m) }
+EK_TORCH_LIBRARY_IMPL(CPU, m) { EK_ROUTING_IMPLS(m) }
+#ifdef EK_NVCC
+EK_TORCH_LIBRARY_IMPL(CUDA, m) { EK_ROUTING_IMPLS(m) }
 #endif
