@@ -61,8 +61,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from _common import Bar, machine, machine_line, markdown_table, write_outputs
-from effkernels.models import encoders as enc
-from effkernels.models.backbone import CONFIGS
+from effkernels.models.methods import encoders as enc
+from effkernels.models.backbone.configs import CONFIGS
 from effkernels.models.methods import METHODS, ConfigError, parse_spec
 from torch import nn
 from torch.utils import flop_counter
@@ -195,7 +195,7 @@ def write_data(args, path: str) -> None:
 
 
 def train_args(args, row: Row, data: str, out: str):
-    from effkernels.models.train import parse_args
+    from effkernels.models.cli.train import parse_args
 
     argv = ["--method", row.method, "--model", args.model, "--data", data, "--out", out,
             "--batch-size", str(args.batch), "--steps", "1000", "--warmup", "0", "--eval-every", "0",
@@ -207,7 +207,7 @@ class Runner:
     """One row's trainer and its pre-drawn batches."""
 
     def __init__(self, args, row: Row, ds, data: str, out: str, compiled: bool | None = None):
-        from effkernels.models.train import Trainer
+        from effkernels.models.train.trainer import Trainer
 
         self.row, self.device = row, torch.device(args.device)
         a = train_args(args, row, data, out)
@@ -303,7 +303,7 @@ def cpu_peak_mib(args, row: Row, ds, data: str, out: str) -> tuple[float, float]
 
 
 def measure(args, rows: list[Row]) -> list[dict]:
-    from effkernels.models.data import load_dataset
+    from effkernels.models.data.sources import load_dataset
 
     device = torch.device(args.device)
     tmp = tempfile.mkdtemp(prefix="effkernels-bench-")

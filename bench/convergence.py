@@ -5,7 +5,7 @@ FD and class accuracy at regular points against steps, wall-clock AND process CP
     python bench/convergence.py --data digits:16 --model tiny/1   # 256 tokens (digits upsampled to 16x16, patch 1)
     python bench/convergence.py --methods sit,tread --seeds 1 --steps 200 --out runs/conv/quick
 
-Each run is the real trainer (effkernels.models.train.Trainer) in a subprocess of its own, so the
+Each run is the real trainer (effkernels.models.train.trainer.Trainer) in a subprocess of its own, so the
 FD/accuracy points are the trainer's own evaluations (its metrics.jsonl; nothing is re-evaluated),
 and the clocks are that process's. The worker wraps the trainer's evaluate() to subtract the
 evaluation time, so the seconds at an eval point are training seconds only (data, forward,
@@ -134,8 +134,9 @@ def worker(spec_path: str) -> int:
     import torch
 
     import effkernels
-    from effkernels.models.data import load_dataset
-    from effkernels.models.train import Trainer, parse_args
+    from effkernels.models.data.sources import load_dataset
+    from effkernels.models.train.trainer import Trainer
+    from effkernels.models.cli.train import parse_args
 
     with open(spec_path) as f:
         job = json.load(f)

@@ -6,8 +6,10 @@ import argparse
 import pytest
 import torch
 
-from effkernels.models import train as train_mod
-from effkernels.models.backbone import build
+from effkernels.models.cli import train as train_mod
+from effkernels.models.train.runlog import MetricsLog
+from effkernels.models.train.trainer import Trainer
+from effkernels.models.backbone.configs import build
 from effkernels.models.checkpoint import load_checkpoint
 from effkernels.models.methods import ConfigError
 from effkernels.models.methods.act import ACT, augment
@@ -21,7 +23,7 @@ def _argv(out, *extra):
 
 
 def test_generator_and_discriminator_steps_touch_only_their_own_parameters(tmp_path, seed):
-    tr = train_mod.Trainer(train_mod.parse_args(_argv(tmp_path, "--steps", "4")))
+    tr = Trainer(train_mod.parse_args(_argv(tmp_path, "--steps", "4")))
     act = tr.method.parts[0][1]
     disc, opt_d = act.disc, tr.aux_opts["disc"]
     g_ids = {id(p) for grp in tr.opt.param_groups for p in grp["params"]}
@@ -86,8 +88,8 @@ def test_resume_in_the_middle_equals_an_uninterrupted_run(tmp_path):
     assert float(sa["r1_ema"]) == pytest.approx(float(sb["r1_ema"]), rel=1e-6)
     for k, v in a["method"]["aux"]["disc"]["module"].items():
         torch.testing.assert_close(b["method"]["aux"]["disc"]["module"][k], v, rtol=0, atol=1e-6)
-    ra = train_mod.MetricsLog.read(str(tmp_path / "a" / "metrics.jsonl"))
-    rb = train_mod.MetricsLog.read(str(tmp_path / "b" / "metrics.jsonl"))
+    ra = MetricsLog.read(str(tmp_path / "a" / "metrics.jsonl"))
+    rb = MetricsLog.read(str(tmp_path / "b" / "metrics.jsonl"))
     assert [round(r["loss"], 5) for r in ra] == [round(r["loss"], 5) for r in rb]
 
 
@@ -145,7 +147,7 @@ def test_t_weighted_losses_mix_per_sample_and_weight_the_discriminator(seed):
 
 def test_t_weighted_trains_through_the_cli(tmp_path):
     assert train_mod.main(_argv(tmp_path, "--steps", "3", "--act-lambda-schedule", "t-weighted")) == 0
-    rows = train_mod.MetricsLog.read(str(tmp_path / "metrics.jsonl"))
+    rows = MetricsLog.read(str(tmp_path / "metrics.jsonl"))
     assert len(rows) == 3 and all(0 < r["act_lambda"] <= 0.6 for r in rows)
 
 

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from effkernels import ops
-from effkernels.models.backbone import CONFIGS, DiT, Route, build, get_2d_sincos_pos_embed
+from effkernels.models.backbone.configs import CONFIGS, build
+from effkernels.models.backbone.network import DiT, Route
+from effkernels.models.backbone.positions import get_2d_sincos_pos_embed
 from helpers import TOL, rel_err, count_index_checks
 
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from effkernels import ops
-from effkernels.models.backbone import Route, build
+from effkernels.models.backbone.network import Route
+from effkernels.models.backbone.configs import build
 from effkernels.models.methods import ConfigError, build_method
 from effkernels.models.methods.maskdit import MaskDiT
 from effkernels.models.methods.tread import TREAD
-from effkernels.models.objectives import FlowMatching
+from effkernels.models.objectives.flow import FlowMatching
 from effkernels.nn import DiTBlock
 from effkernels.nn.routing import TokenPack, draw_ratios, keep_count
 

@@ -7,9 +7,9 @@ import shutil
 import pytest
 import effkernels
 import torch
-from effkernels.models import train as train_mod
+from effkernels.models.cli import train as train_mod
 from effkernels.models.checkpoint import load_checkpoint
-from effkernels.models.rebuild import generator_from_checkpoint
+from effkernels.models.train.rebuild import generator_from_checkpoint
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "checkpoints_v0")
 # the flags each was trained with (besides --model-kwargs SMALL --batch-size 8 --warmup 1 --seed 3)

@@ -43,8 +43,8 @@ torch.set_num_threads(1)
 from torch._dynamo.testing import CompileCounterWithBackend
 from effkernels import backends
 from effkernels.models import build
-from effkernels.models.backbone import Route
-from effkernels.models.objectives import FlowMatching
+from effkernels.models.backbone.network import Route
+from effkernels.models.objectives.flow import FlowMatching
 
 compiler, routed = sys.argv[1], sys.argv[2] == "routed"
 torch.manual_seed(0)

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from effkernels.models.backbone import DiT, build
-from effkernels.models.convert import (apply_effkernels, infer_config, load_official, read_state_dict,
-                                       revert_effkernels)
-from effkernels.models.samplers import sample
+from effkernels.models.backbone.network import DiT
+from effkernels.models.backbone.configs import build
+from effkernels.models.interop.patch import apply_effkernels, revert_effkernels
+from effkernels.models.interop.official import infer_config, load_official, read_state_dict
+from effkernels.models.sampling.samplers import sample
 from helpers import TOL, TOL_REDUCE, rel_err
 from test_backbone import OfficialStyleDiT, randomized
 
@@ -167,7 +168,7 @@ def test_apply_effkernels_errors_and_own_models():
 # The official networks below are test_backbone's official-layout DiT (DiT's, SiT's and REPA's
 # models.py share it) with each paper's own forward around it; the official samplers are written
 # here from their code (SiT transport/integrators.py + torchdiffeq's fixed-grid Euler, REPA
-# samplers.py), independently of effkernels.models.sample.
+# samplers.py), independently of effkernels.models.cli.sample.
 
 LATENT = dict(SMALL, in_channels=4)  # 4 channels, so guiding only the first 3 is visible
 
@@ -302,7 +303,7 @@ def test_unknown_layouts_are_rejected_naming_the_keys(seed):
 def test_sample_cli_reads_an_official_checkpoint(tmp_path, seed, capsys):
     import numpy as np
 
-    from effkernels.models import sample as sample_mod
+    from effkernels.models.cli import sample as sample_mod
 
     # tiny/2's architecture in SiT's layout (learned sigma, 4 latent channels)
     official = _official(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=6, num_heads=4,

@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from effkernels.models import train as train_mod
-from effkernels.models.backbone import build
+from effkernels.models.cli import train as train_mod
+from effkernels.models.train.runlog import MetricsLog
+from effkernels.models.train.trainer import Trainer
+from effkernels.models.backbone.configs import build
 from effkernels.models.methods import ConfigError
 from effkernels.models.methods.ct import CT
 
@@ -117,7 +119,7 @@ def test_trains_through_the_cli_and_reports_both_samplers(tmp_path, monkeypatch,
             "--batch-size", "16", "--quiet", "--log-every", "10", "--steps", "40", "--eval-every", "40",
             "--eval-samples", "50", "--ct-s1", "10"]
     assert train_mod.main(argv) == 0
-    rows = train_mod.MetricsLog.read(str(tmp_path / "r" / "metrics.jsonl"))
+    rows = MetricsLog.read(str(tmp_path / "r" / "metrics.jsonl"))
     evals = [r for r in rows if "fd" in r]
     assert evals and all("fd_2step" in r and "acc_2step" in r for r in evals)
     train_rows = [r for r in rows if "loss" in r]
@@ -171,7 +173,7 @@ def _lpips_by_hand(vgg, a, b, size):
 def test_lpips_from_a_local_official_layout_file_equals_the_formula_and_downloads_nothing(vgg_file, monkeypatch, seed):
     import torchvision.models._api as tv_api
 
-    from effkernels.models.lpips_distance import LPIPSDistance
+    from effkernels.models.metrics.lpips_distance import LPIPSDistance
 
     def no_download(*a, **k):
         raise AssertionError("LPIPS tried to download weights")
@@ -197,7 +199,7 @@ def test_lpips_from_a_local_official_layout_file_equals_the_formula_and_download
 
 
 def test_lpips_bad_files_are_clear_errors_naming_them(vgg_file, tmp_path):
-    from effkernels.models.lpips_distance import LPIPSDistance
+    from effkernels.models.metrics.lpips_distance import LPIPSDistance
 
     path, vgg = vgg_file
     with pytest.raises(ValueError, match="nowhere.pth"):
@@ -231,7 +233,7 @@ def test_ct_trains_on_lpips_through_the_cli(vgg_file, tmp_path, monkeypatch):
             "--batch-size", "4", "--quiet", "--log-every", "1", "--steps", "2", "--eval-every", "0", "--ct-s1", "10",
             "--ct-distance", "lpips", "--lpips-vgg", vgg_file[0], "--lpips-size", "32"]
     assert train_mod.main(argv) == 0
-    rows = [r for r in train_mod.MetricsLog.read(str(tmp_path / "r" / "metrics.jsonl")) if "loss" in r]
+    rows = [r for r in MetricsLog.read(str(tmp_path / "r" / "metrics.jsonl")) if "loss" in r]
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
 
 
@@ -251,7 +253,7 @@ def test_defaults_follow_the_width(seed):
 def _trainer(tmp_path, *extra):
     argv = ["--out", str(tmp_path), "--model-kwargs", '{"depth": 2, "hidden_size": 32, "num_heads": 2}',
             "--batch-size", "8", "--eval-every", "0", "--quiet", "--ct-s1", "10", *extra]
-    return train_mod.Trainer(train_mod.parse_args(argv))
+    return Trainer(train_mod.parse_args(argv))
 
 
 def _betas(tr):

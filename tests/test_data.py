@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 import torch
-from effkernels.models.batches import batch_indices
-from effkernels.models.data import DataError, load_dataset, load_digits
+from effkernels.models.train.batches import batch_indices
+from effkernels.models.data.sources import DataError, load_dataset, load_digits
 
 
 def test_digits_shape_range_classes():

@@ -1,4 +1,4 @@
-"""DiT's objective and samplers (effkernels.models.diffusion) against closed forms, hand-computed tiny
+"""DiT's objective and samplers (effkernels.models.objectives.ddpm) against closed forms, hand-computed tiny
 cases, and DiT's own sampling loop written here from its code (diffusion/gaussian_diffusion.py,
 respace.py), on an official-layout DiT checkpoint."""
 import math
@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from effkernels.models.convert import load_official
-from effkernels.models.diffusion import (DDPMObjective, GaussianDiffusion, diffusion_sample,
-                                         discretized_gaussian_log_likelihood, linear_betas, normal_kl,
-                                         space_timesteps)
-from effkernels.models.samplers import sample
+from effkernels.models.interop.official import load_official
+from effkernels.models.objectives.ddpm import (DDPMObjective, GaussianDiffusion,
+                                               discretized_gaussian_log_likelihood, linear_betas, normal_kl,
+                                               space_timesteps)
+from effkernels.models.sampling.ddpm import diffusion_sample
+from effkernels.models.sampling.samplers import sample
 from helpers import rel_err
 from test_backbone import OfficialStyleDiT, randomized
 
@@ -294,8 +295,8 @@ def test_fixed_variance_without_learned_sigma(seed):
 
 @pytest.mark.slow  # end to end, about 20 s
 def test_train_dit_s2_on_digits_then_sample(tmp_path, seed, capsys):
-    from effkernels.models import sample as sample_mod
-    from effkernels.models import train as train_mod
+    from effkernels.models.cli import sample as sample_mod
+    from effkernels.models.cli import train as train_mod
 
     out = tmp_path / "run"
     args = ["--model", "DiT-S/2", "--data", "digits", "--out", str(out), "--steps", "3", "--batch-size", "8",

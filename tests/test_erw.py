@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from effkernels.models import encoders as enc
-from effkernels.models import train as train_mod
+from effkernels.models.methods import encoders as enc
+from effkernels.models.cli import train as train_mod
+from effkernels.models.train.trainer import Trainer
 from effkernels.models.checkpoint import load_checkpoint
-from effkernels.models.data import ArrayDataset
+from effkernels.models.data.sources import ArrayDataset
 from effkernels.models.methods import ConfigError
 
 KW = '{"depth": 4, "hidden_size": 32, "num_heads": 2, "class_dropout_prob": 0.0}'
@@ -49,7 +50,7 @@ def _argv(out, *extra):
 
 
 def _trainer(out, *extra):
-    return train_mod.Trainer(train_mod.parse_args(_argv(out, *extra)), _ds())
+    return Trainer(train_mod.parse_args(_argv(out, *extra)), _ds())
 
 
 def test_options_and_schedule(tmp_path):
@@ -132,7 +133,7 @@ def _worker(rank, world, init_file, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     enc.ENCODERS["toy"] = lambda arg, *, grid: PatchEncoder()
-    tr = train_mod.Trainer(train_mod.parse_args(_argv(out)), _ds())
+    tr = Trainer(train_mod.parse_args(_argv(out)), _ds())
     for s in range(2):
         b = tr.make_batch(s)
         b.pop("generator")

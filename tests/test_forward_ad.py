@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import effkernels
 from effkernels import ops
 from effkernels.models import build
-from effkernels.models.backbone import Route
+from effkernels.models.backbone.network import Route
 from effkernels.nn.routing import TokenPack
 from effkernels.reference import adaln as R_ad
 from effkernels.reference import align as R_al

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from effkernels.models import inception as inc
-from effkernels.models.metrics import frechet_distance
+from effkernels.models.metrics.classifier import inception as inc
+from effkernels.models.metrics.frechet import frechet_distance
 
 tv = pytest.importorskip("torchvision.models.inception")
 

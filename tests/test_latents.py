@@ -7,11 +7,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from effkernels.models import train as train_mod
+from effkernels.models.cli import train as train_mod
+from effkernels.models.train.trainer import Trainer
 from effkernels.models.checkpoint import load_checkpoint
-from effkernels.models.data import DataError, load_dataset
-from effkernels.models.batches import epoch_batch_indices, make_loader, sample_seed, step_keys
-from effkernels.models.latents import SD_VAE_SCALE, LatentFolder
+from effkernels.models.data.sources import DataError, load_dataset
+from effkernels.models.train.batches import epoch_batch_indices, make_loader, sample_seed, step_keys
+from effkernels.models.data.latents import SD_VAE_SCALE, LatentFolder
 from effkernels.models.methods import METHODS
 from effkernels.models.methods.base import Method
 
@@ -172,7 +173,7 @@ def test_fast_dit_trains_and_reads_a_bounded_number_of_samples(tmp_path, seed):
         write_fast_dit(str(root), n, seed=seed)
         a = train_mod.parse_args(_args(tmp_path / f"o{n}", root, "--steps", "3", "--data-workers", "0",
                                        "--shuffle", "epoch"))
-        tr = train_mod.Trainer(a)
+        tr = Trainer(a)
         assert isinstance(tr.ds, LatentFolder) and tr.model.in_channels == 4 and tr.model.num_classes == 3
         before = tr.ds.reads
         res = tr.run()
@@ -205,7 +206,7 @@ def test_repa_folder_trains_with_the_image_beside_its_latent(tmp_path, seed, mon
         torch.testing.assert_close(x.mean((1, 2, 3)) / SD_VAE_SCALE, idx.float(), rtol=0, atol=0.5)
     # a method without images never reads them
     a = train_mod.parse_args(_args(tmp_path / "o2", tmp_path / "d", "--steps", "1", "--data-workers", "0"))
-    tr = train_mod.Trainer(a)
+    tr = Trainer(a)
     assert "image" not in tr.make_batch(0) and tr.ds.with_image is False
 
 

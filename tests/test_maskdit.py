@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from effkernels.models import train as train_mod
-from effkernels.models.backbone import build
+from effkernels.models.cli import train as train_mod
+from effkernels.models.train.runlog import MetricsLog
+from effkernels.models.backbone.configs import build
 from effkernels.models.checkpoint import load_checkpoint
-from effkernels.models.rebuild import generator_from_checkpoint
+from effkernels.models.train.rebuild import generator_from_checkpoint
 from effkernels.models.methods import ConfigError, build_method
 from effkernels.models.methods.maskdit import MaskDiT, MaskDiTGenerator, patch_normalize
 from helpers import digits_like_batch
@@ -184,13 +185,13 @@ def test_trains_through_the_cli_fine_tunes_unmasked_and_samples(tmp_path):
     common = ["--method", "maskdit", "--model-kwargs", '{"depth": 3, "hidden_size": 32, "num_heads": 2}',
               "--batch-size", "16", "--eval-every", "0", "--quiet", "--log-every", "5", "--lr", "3e-3"]
     assert train_mod.main(["--out", str(tmp_path), "--steps", "30", *common]) == 0
-    rows = train_mod.MetricsLog.read(str(tmp_path / "metrics.jsonl"))
+    rows = MetricsLog.read(str(tmp_path / "metrics.jsonl"))
     assert rows[-1]["loss"] < rows[0]["loss"] and "loss_mae" in rows[0]
     ck = load_checkpoint(str(tmp_path / "last.pt"))
     assert any(k.startswith("decoder.") for k in ck["method"]["modules"]) and "decoder" in ck["method"]["ema"]
     assert train_mod.main(["--out", str(tmp_path), "--steps", "32", "--resume", "auto", "--mask-ratio", "0",
                            *common]) == 0
-    rows = train_mod.MetricsLog.read(str(tmp_path / "metrics.jsonl"))
+    rows = MetricsLog.read(str(tmp_path / "metrics.jsonl"))
     assert rows[-1]["step"] == 32 and "loss_mae" not in rows[-1]
     method, models, _ = generator_from_checkpoint(load_checkpoint(str(tmp_path / "last.pt")))
     imgs = method.sample(models, torch.arange(4), torch.randn(4, 1, 8, 8), steps=2)

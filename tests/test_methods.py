@@ -13,13 +13,17 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from effkernels.models import train as train_mod
-from effkernels.models.backbone import Route, build
+from effkernels.models.cli import train as train_mod
+from effkernels.models.train.runlog import MetricsLog
+from effkernels.models.train.trainer import Trainer, make_optimizer
+from effkernels.models.backbone.network import Route
+from effkernels.models.backbone.configs import build
 from effkernels.models.checkpoint import load_checkpoint, save_checkpoint
-from effkernels.models.rebuild import generator_from_checkpoint
-from effkernels.models.data import ArrayDataset, DataError, load_latents
-from effkernels.models.methods import (METHODS, AuxModule, ConfigError, Method, build_method, register_method)
-from effkernels.models.objectives import FlowMatching, mean_prediction
+from effkernels.models.train.rebuild import generator_from_checkpoint
+from effkernels.models.data.sources import ArrayDataset, DataError, load_latents
+from effkernels.models.methods import METHODS, AuxModule, ConfigError, Method, build_method, register_method
+from effkernels.models.objectives.flow import FlowMatching
+from effkernels.models.objectives.prediction import mean_prediction
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = '{"depth": 2, "hidden_size": 32, "num_heads": 2, "class_dropout_prob": 0.0}'
@@ -169,7 +173,7 @@ def _trainer(tmp_path, method, seed=0, ds=None, *extra):
     args = train_mod.parse_args(["--out", str(tmp_path), "--method", method, "--batch-size", "8", "--seed", str(seed),
                                  "--model-kwargs", SMALL, "--warmup", "0", "--eval-every", "0", "--quiet",
                                  "--eval-samples", "20", "--eval-steps", "2", *extra])
-    return train_mod.Trainer(args, ds if ds is not None else _digits_like(seed))
+    return Trainer(args, ds if ds is not None else _digits_like(seed))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -203,9 +207,10 @@ def test_factory_must_return_a_method(monkeypatch):
 
 
 def test_sample_does_not_import_the_trainer():
-    code = "import sys, effkernels.models.sample; print('effkernels.models.train' in sys.modules)"
+    code = ("import sys, effkernels.models.cli.sample; "
+            "print([m for m in ('effkernels.models.train.trainer', 'effkernels.models.cli.train') if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.stdout.strip() == "False", r.stderr
+    assert r.stdout.strip() == "[]", r.stderr
 
 
 # -----------------------------------------------------------------------------------------------
@@ -269,7 +274,7 @@ def test_composed_method_trains_through_the_cli(toys, tmp_path, capsys):
     assert train_mod.main(argv) == 0
     ck = load_checkpoint(str(tmp_path / "last.pt"))
     assert ck["meta"]["method"] == "toy_route+toy_align" and any(k.startswith("head.") for k in ck["method"]["modules"])
-    rows = train_mod.MetricsLog.read(str(tmp_path / "metrics.jsonl"))
+    rows = MetricsLog.read(str(tmp_path / "metrics.jsonl"))
     assert all("align" in r and "loss_base" in r for r in rows)
 
 
@@ -301,7 +306,7 @@ def test_generator_module_is_averaged_and_sampled_with(toys, tmp_path, seed, mon
 def test_sample_cli_uses_the_method(toys, tmp_path):
     assert train_mod.main(["--out", str(tmp_path / "r"), "--method", "toy_dec", "--model-kwargs", SMALL, "--steps", "1",
                            "--batch-size", "8", "--eval-every", "0", "--quiet"]) == 0
-    from effkernels.models import sample as sample_mod
+    from effkernels.models.cli import sample as sample_mod
     called = []
     orig = ToyDecoder.sample
     with pytest.MonkeyPatch.context() as mp_:
@@ -425,7 +430,7 @@ def test_fused_adamw_equals_unfused(seed):
     torch.manual_seed(seed)
     ps = [torch.randn(37, 19, requires_grad=True), torch.randn(5, requires_grad=True)]
     qs = [p.detach().clone().requires_grad_() for p in ps]
-    tr_opt = train_mod.make_optimizer(ps, torch.device("cpu"), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01)
+    tr_opt = make_optimizer(ps, torch.device("cpu"), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01)
     assert tr_opt.defaults["fused"] is True
     ref = torch.optim.AdamW(qs, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01, foreach=False)
     for _ in range(5):
@@ -531,7 +536,7 @@ def test_non_finite_loss_on_one_rank_stops_every_rank(toys, tmp_path, seed):
 # -----------------------------------------------------------------------------------------------
 
 def test_learned_sigma_model_trains_on_the_mean_half_and_samples(tmp_path, seed):
-    from effkernels.models.samplers import sample
+    from effkernels.models.sampling.samplers import sample
 
     model = build("tiny/2", learn_sigma=True, depth=2, hidden_size=32, num_heads=2)
     x = torch.rand(4, 1, 8, 8) * 2 - 1
@@ -546,7 +551,7 @@ def test_learned_sigma_model_trains_on_the_mean_half_and_samples(tmp_path, seed)
 
 
 def test_forward_with_cfg_is_the_sampler_guidance(seed):
-    from effkernels.models.guidance import guided_velocity
+    from effkernels.models.backbone.guidance import guided_velocity
 
     model = build("tiny/2", learn_sigma=True, depth=2, hidden_size=32, num_heads=2).eval()
     for p in model.parameters():
@@ -581,7 +586,7 @@ def test_wheel_contains_every_python_file(tmp_path):
 
 def test_revert_effkernels_is_exported_beside_apply():
     import effkernels.models
-    from effkernels.models import convert
+    from effkernels.models.interop import patch as convert
 
     assert effkernels.models.apply_effkernels is convert.apply_effkernels
     assert effkernels.models.revert_effkernels is convert.revert_effkernels
@@ -612,6 +617,6 @@ def test_methods_use_only_the_trainer_api_the_protocol_documents():
             for m in re.finditer(r"\btrainer\.(\w+)", open(os.path.join(folder, fn)).read()):
                 used.setdefault(m.group(1), set()).add(fn)
     assert set(used) <= api, {k: v for k, v in used.items() if k not in api}
-    tr_cls = train_mod.Trainer
+    tr_cls = Trainer
     assert all(callable(getattr(tr_cls, n)) for n in ("ema_model", "steps_per_epoch", "save_named", "reset_optimizer",
                                                        "reset_ema"))

@@ -5,16 +5,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from effkernels.models.data import load_digits
-from effkernels.models.metrics import (
-    Evaluator,
-    class_accuracy,
-    fd_from_features,
-    frechet_distance,
-    get_classifier,
-    load_feature_net,
-    predict,
-)
+from effkernels.models.data.sources import load_digits
+from effkernels.models.metrics.classifier import Evaluator, class_accuracy, get_classifier, load_feature_net, predict
+from effkernels.models.metrics.frechet import fd_from_features, frechet_distance
 
 
 def _spd(rng, d):

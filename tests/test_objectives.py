@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from effkernels.models.objectives import FlowMatching, interpolate, score_from_velocity, velocity_target
+from effkernels.models.objectives.flow import FlowMatching, interpolate, score_from_velocity, velocity_target
 
 
 class ConvNet(torch.nn.Module):

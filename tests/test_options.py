@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from effkernels.models import train as train_mod
+from effkernels.models.cli import train as train_mod
 from effkernels.models.methods import act, ct, erw, maskdit, repa, sra, tread
 from effkernels.models.methods.options import add_options, opt, read_options
 

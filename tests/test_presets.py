@@ -1,11 +1,12 @@
 """Paper presets: the papers' settings become defaults, flags override them, the start line says so;
 --grad-clip 0 really leaves the gradients alone; the sampler side of a preset."""
 import torch
-from effkernels.models import sample as sample_mod
-from effkernels.models import train as train_mod
-from effkernels.models.data import ArrayDataset
+from effkernels.models.cli import sample as sample_mod
+from effkernels.models.cli import train as train_mod
+from effkernels.models.train.trainer import Trainer
+from effkernels.models.data.sources import ArrayDataset
 import pytest
-from effkernels.models.presets import PRESETS, Preset, apply_preset
+from effkernels.models.cli.presets import PRESETS, Preset, apply_preset
 
 SMALL = '{"depth": 2, "hidden_size": 32, "num_heads": 2}'
 
@@ -60,7 +61,7 @@ def test_grad_clip_zero_means_no_clipping(tmp_path, seed):
     for clip in ("0", "1e-3"):
         a = train_mod.parse_args(["--out", str(tmp_path / clip), "--model-kwargs", SMALL, "--batch-size", "8",
                                   "--seed", str(seed), "--grad-clip", clip, "--eval-every", "0", "--quiet"])
-        tr = train_mod.Trainer(a, ds)
+        tr = Trainer(a, ds)
         seen = _grads_seen(tr)
         logs = tr.train_step(tr.make_batch(0))
         norms[clip] = (logs["grad_norm"], seen[0])

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from effkernels.models import encoders as enc
-from effkernels.models import features as features_mod
-from effkernels.models import train as train_mod
-from effkernels.models.backbone import build
-from effkernels.models.data import load_dataset, load_latents
+from effkernels.models.methods import encoders as enc
+from effkernels.models.cli import features as features_mod
+from effkernels.models.cli import train as train_mod
+from effkernels.models.train.runlog import MetricsLog
+from effkernels.models.backbone.configs import build
+from effkernels.models.data.sources import load_dataset, load_latents
 from effkernels.models.methods import ConfigError, Method
 from effkernels.models.methods.base import Composite
 from effkernels.models.methods.repa import REPA, default_depth, default_proj_dim
@@ -154,7 +155,7 @@ def test_token_grids_are_resampled_to_the_dit_grid():
 # -----------------------------------------------------------------------------------------------
 
 def test_digits_encoder_trains_caches_and_is_not_the_metric_classifier(cache, monkeypatch):
-    from effkernels.models import metrics
+    from effkernels.models.metrics.classifier import classifier as metrics
 
     ds = load_dataset("digits")
     a = enc.DataEncoder()
@@ -303,7 +304,7 @@ def test_repa_trains_through_the_cli_and_the_loss_falls(cache, tmp_path, seed):
     assert train_mod.main(["--method", "repa", "--model-kwargs", SMALL_JSON, "--steps", "90", "--log-every", "30",
                            "--warmup", "10", "--eval-every", "0", "--out", out, "--quiet",
                            "--seed", str(seed % 1000)]) == 0
-    rows = [r for r in train_mod.MetricsLog.read(os.path.join(out, "metrics.jsonl")) if "loss" in r]
+    rows = [r for r in MetricsLog.read(os.path.join(out, "metrics.jsonl")) if "loss" in r]
     assert len(rows) == 3 and "repa" in rows[0]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.1  # interval means: first 30 steps vs last 30
     ck = torch.load(os.path.join(out, "last.pt"), weights_only=False)
@@ -317,7 +318,7 @@ def test_tread_plus_repa_trains_a_step(cache, tmp_path, seed):
     assert train_mod.main(["--method", "tread+repa", "--route", "2:3", "--repa-depth", "2",
                            "--model-kwargs", SMALL_JSON, "--steps", "1", "--eval-every", "0", "--log-every", "1",
                            "--out", str(tmp_path / "t"), "--quiet", "--seed", str(seed % 1000)]) == 0
-    row = train_mod.MetricsLog.read(str(tmp_path / "t" / "metrics.jsonl"))[-1]
+    row = MetricsLog.read(str(tmp_path / "t" / "metrics.jsonl"))[-1]
     assert np.isfinite(row["repa"]) and row["repa"] < 0.5
 
 
@@ -326,7 +327,7 @@ def test_packed_maskdit_plus_repa_trains_a_step(cache, tmp_path, seed):
     assert train_mod.main(["--method", "maskdit+repa", "--mask-ratio-range", "0.2:0.7", "--repa-depth", "2",
                            "--model-kwargs", SMALL_JSON, "--steps", "2", "--eval-every", "0", "--log-every", "1",
                            "--out", str(tmp_path / "m"), "--quiet", "--seed", str(seed % 1000)]) == 0
-    row = train_mod.MetricsLog.read(str(tmp_path / "m" / "metrics.jsonl"))[-1]
+    row = MetricsLog.read(str(tmp_path / "m" / "metrics.jsonl"))[-1]
     assert np.isfinite(row["repa"]) and np.isfinite(row["loss"])
 
 
@@ -367,7 +368,7 @@ def test_fitting_or_loading_a_cached_network_leaves_the_callers_rng_alone(tmp_pa
     """A run that fits the data encoder and the metric's classifier and one that loads them from the
     cache continue with the same global RNG stream (label dropout draws from it), and what is fitted
     does not depend on the caller's RNG state."""
-    from effkernels.models import metrics
+    from effkernels.models.metrics.classifier import classifier as metrics
 
     ds = load_dataset("digits")
     nets = []

@@ -9,10 +9,10 @@ with C_t = Cov(x_t) = (1 - t)^2 S + t^2 I and Cov(v, x_t) = t I - (1 - t) S; the
 import numpy as np
 import pytest
 import torch
-from effkernels.models.objectives import score_from_velocity
-from effkernels.models.guidance import guided_velocity
-from effkernels.models.images import save_grid
-from effkernels.models.samplers import sample
+from effkernels.models.objectives.flow import score_from_velocity
+from effkernels.models.backbone.guidance import guided_velocity
+from effkernels.models.sampling.images import save_grid
+from effkernels.models.sampling.samplers import sample
 from helpers import rel_err
 
 
@@ -349,7 +349,7 @@ def gen_noise(gen, x):
 def test_repa_checkpoint_samples_as_repas_samplers(seed, cfg):
     from test_convert import official_repa
 
-    from effkernels.models.convert import load_official
+    from effkernels.models.interop.official import load_official
 
     official = official_repa(qk_norm=True)
     model = load_official(official.state_dict(), num_heads=2).eval()

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from effkernels.models import train as train_mod
-from effkernels.models.backbone import build
-from effkernels.models.diffusion import GaussianDiffusion
+from effkernels.models.cli import train as train_mod
+from effkernels.models.train.runlog import MetricsLog
+from effkernels.models.train.trainer import Trainer
+from effkernels.models.backbone.configs import build
+from effkernels.models.objectives.ddpm import GaussianDiffusion
 from effkernels.models.methods import Composite, ConfigError, build_method
 from effkernels.models.methods.sra import SRA, default_pair
 from helpers import digits_like_batch
@@ -102,12 +104,12 @@ def test_trains_through_the_cli_with_the_ema_as_teacher(tmp_path):
     argv = ["--out", str(tmp_path), "--method", "sra", "--model-kwargs", '{"depth": 6, "hidden_size": 32, "num_heads": 2}',
             "--batch-size", "16", "--eval-every", "0", "--quiet", "--log-every", "5", "--lr", "3e-3", "--steps", "30"]
     args = train_mod.parse_args(argv)
-    tr = train_mod.Trainer(args)
+    tr = Trainer(args)
     sra = tr.method.parts[0][1]
     assert sra.teacher is tr.ema.model
     assert sra.steps_per_epoch == len(tr.ds) // 16  # the release counts epochs of full global batches
     assert train_mod.main(argv) == 0
-    rows = train_mod.MetricsLog.read(str(tmp_path / "metrics.jsonl"))
+    rows = MetricsLog.read(str(tmp_path / "metrics.jsonl"))
     assert rows[-1]["loss"] < rows[0]["loss"] and "sra" in rows[0]
 
 
@@ -119,12 +121,12 @@ def test_composes_with_tread_and_maskdit(tmp_path, seed):
     # a ratio per sample: packed kept tokens, the teacher's target gathered by the pack
     assert train_mod.main(["--out", str(tmp_path / "c"), "--method", "maskdit+sra", "--mask-ratio-range", "0.2:0.7",
                            "--log-every", "1", *common]) == 0
-    row = train_mod.MetricsLog.read(str(tmp_path / "c" / "metrics.jsonl"))[-1]
+    row = MetricsLog.read(str(tmp_path / "c" / "metrics.jsonl"))[-1]
     assert np.isfinite(row["sra"]) and np.isfinite(row["loss"])
     # DiT's DDPM objective: the teacher at fewer integer steps of the same process
     dit = ["--model-kwargs", '{"depth": 6, "hidden_size": 32, "num_heads": 2, "learn_sigma": true}', *common[2:]]
     assert train_mod.main(["--out", str(tmp_path / "d"), "--method", "dit+sra", "--log-every", "1", *dit]) == 0
-    row = train_mod.MetricsLog.read(str(tmp_path / "d" / "metrics.jsonl"))[-1]
+    row = MetricsLog.read(str(tmp_path / "d" / "metrics.jsonl"))[-1]
     assert np.isfinite(row["sra"]) and np.isfinite(row["loss"])
 
 

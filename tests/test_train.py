@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from effkernels.models import checkpoint as ckpt_mod
-from effkernels.models import sample as sample_mod
-from effkernels.models import train as train_mod
+from effkernels.models.cli import sample as sample_mod
+from effkernels.models.cli import train as train_mod
+from effkernels.models.train.runlog import MetricsLog
+from effkernels.models.train.trainer import Trainer
 from effkernels.models.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from effkernels.models.data import ArrayDataset, load_digits
+from effkernels.models.data.sources import ArrayDataset, load_digits
 
 SMALL = '{"depth": 2, "hidden_size": 32, "num_heads": 2}'
 NO_DROPOUT = '{"depth": 2, "hidden_size": 32, "num_heads": 2, "class_dropout_prob": 0.0}'
@@ -47,7 +49,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, seed):
     # the global RNG (label dropout) continued where it stopped
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
     # the log has each step once, in order, across the two runs
-    steps = [r["step"] for r in train_mod.MetricsLog.read(str(tmp_path / "b" / "metrics.jsonl"))]
+    steps = [r["step"] for r in MetricsLog.read(str(tmp_path / "b" / "metrics.jsonl"))]
     assert steps == sorted(set(steps)) and steps[-1] == 6
     # and a different seed really gives different weights (the comparison above can fail)
     assert train_mod.main(small_args(tmp_path / "c", "--steps", "6", "--seed", str(seed % 1000 + 1))) == 0
@@ -115,7 +117,7 @@ def _make_trainer(out, seed, ds):
     # no label dropout: it draws from each process's own RNG, which a 1-process run cannot mirror
     args = train_mod.parse_args(["--out", out, "--batch-size", "8", "--seed", str(seed), "--lr", "1e-2",
                                  "--model-kwargs", NO_DROPOUT, "--warmup", "0"])
-    return train_mod.Trainer(args, ds)
+    return Trainer(args, ds)
 
 
 def _ddp_worker(rank, world, init_file, out, seed):

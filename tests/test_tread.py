@@ -6,12 +6,15 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from effkernels.models import train as train_mod
-from effkernels.models.backbone import Route, build
+from effkernels.models.cli import train as train_mod
+from effkernels.models.train.runlog import MetricsLog
+from effkernels.models.train.trainer import Trainer
+from effkernels.models.backbone.network import Route
+from effkernels.models.backbone.configs import build
 from effkernels.models.checkpoint import load_checkpoint
 from effkernels.models.methods import ConfigError, build_method
 from effkernels.models.methods.tread import TREAD, SparseGuided, default_routes
-from effkernels.models import sample as sample_mod
+from effkernels.models.cli import sample as sample_mod
 from helpers import digits_like_batch
 
 SMALL = dict(depth=6, hidden_size=32, num_heads=2)
@@ -139,7 +142,7 @@ def test_trains_through_the_cli_then_fine_tunes_dense(tmp_path, capsys):
               "--batch-size", "16", "--eval-every", "0", "--quiet", "--log-every", "5", "--lr", "3e-3",
               "--route", "2:4:0.5"]
     assert train_mod.main(["--out", str(tmp_path / "r"), "--steps", "30", *common]) == 0
-    rows = train_mod.MetricsLog.read(str(tmp_path / "r" / "metrics.jsonl"))
+    rows = MetricsLog.read(str(tmp_path / "r" / "metrics.jsonl"))
     assert rows[-1]["loss"] < rows[0]["loss"]
     out, ckpt = str(tmp_path / "s"), str(tmp_path / "r" / "last.pt")
     # sparse guidance with the rates given at sampling; a bad rate names its flag
@@ -153,7 +156,7 @@ def test_trains_through_the_cli_then_fine_tunes_dense(tmp_path, capsys):
         sample_mod.main(["--ckpt", ckpt, "--out", out, "--num", "4", "--sparse-guidance-strong", "0.2"])
     assert "go with --sparse-guidance" in capsys.readouterr().err
     # the dense fine-tune: the same method resumed with routing off
-    tr = train_mod.Trainer(train_mod.parse_args(["--out", str(tmp_path / "probe"), "--steps", "1", "--route-ratio",
+    tr = Trainer(train_mod.parse_args(["--out", str(tmp_path / "probe"), "--steps", "1", "--route-ratio",
                                                  "0", *common]))
     assert tr.method.parts[0][1].routes == []
     assert train_mod.main(["--out", str(tmp_path / "r"), "--steps", "32", "--resume", "auto", "--route-ratio", "0",

@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from effkernels.models import sample as sample_mod
-from effkernels.models import train as train_mod
-from effkernels.models.vae import VAEError, decode_latents, load_vae, to_uint8_nhwc
+from effkernels.models.cli import sample as sample_mod
+from effkernels.models.cli import train as train_mod
+from effkernels.models.data.vae import VAEError, decode_latents, load_vae, to_uint8_nhwc
 
 diffusers = pytest.importorskip("diffusers")
 

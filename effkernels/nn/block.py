@@ -29,7 +29,7 @@ class Mlp(nn.Module):
 
 def adaln_zero(x: torch.Tensor, c: torch.Tensor, modulation, attn, mlp, norm1, norm2, residual) -> torch.Tensor:
     """The adaLN-Zero block's arithmetic, written once: DiTBlock and the official blocks that
-    effkernels.models.convert.apply_effkernels patches both run it with their own parts.
+    effkernels.models.interop.patch.apply_effkernels patches both run it with their own parts.
 
     modulation(c) -> (B, 6D) (or per token); attn(h), mlp(h) -> like h; norm1(x, shift, scale) -> h;
     norm2(x, y, gate, shift, scale) -> (x + gate * y, LN(.) * (1 + scale) + shift);

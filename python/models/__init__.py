@@ -2,9 +2,11 @@
 
 The backbone and interop names are reachable here:
     from effkernels.models import build, DiT, Route, load_official, apply_effkernels
-the rest by module (`effkernels.models.train`, `effkernels.models.samplers`, ...).
+the rest by module (`effkernels.models.train`, `effkernels.models.sampling.samplers`, ...).
 """
-from .backbone import CONFIGS, DiT, Route, build
-from .convert import apply_effkernels, load_official, revert_effkernels
+from .backbone.configs import CONFIGS, build
+from .backbone.network import DiT, Route
+from .interop.patch import apply_effkernels, revert_effkernels
+from .interop.official import load_official
 
 __all__ = ["DiT", "Route", "build", "CONFIGS", "load_official", "apply_effkernels", "revert_effkernels"]

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ddp
-from ..backbone import TimestepEmbedder
+from ..backbone.network import TimestepEmbedder
 from .base import AuxModule, ConfigError
 from .ct import CT
 from .options import add_options, opt, read_options

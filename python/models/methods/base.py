@@ -39,7 +39,7 @@ Hooks
   sample(models, y, noise, **opts) -> images
                                     generation for evaluation and effkernels-sample; models holds the
                                     EMA "backbone" and the EMA generator modules. Default: the ODE
-                                    sampler of effkernels.models.samplers on the backbone.
+                                    sampler of effkernels.models.sampling.samplers on the backbone.
   eval_samplers() -> {suffix: opts}  the samplers the trainer's evaluation reports, each as keyword
                                     overrides for sample(); metrics get the suffix (CT: "" = one
                                     step, "_2step" = two). Default {"": {}}.
@@ -81,9 +81,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..objectives import FlowMatching
-from ..samplers import sample
-
+from ..objectives.flow import FlowMatching
+from ..sampling.samplers import sample
 
 # The backbone's forward options that decide which tokens it sees (a token plan).
 TOKEN_OPTIONS = ("routes", "keep_idx")

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..lpips_distance import LPIPSDistance
-from ..objectives import mean_prediction
+from ..metrics.lpips_distance import LPIPSDistance
+from ..objectives.prediction import mean_prediction
 from .base import ConfigError, Method, draw_label_dropout
 from .options import add_options, opt, read_options
 from .registry import register_method

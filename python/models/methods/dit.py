@@ -1,4 +1,4 @@
-"""DiT: the DDPM objective DiT trains with (effkernels.models.diffusion), for `DiT-*` configs.
+"""DiT: the DDPM objective DiT trains with (effkernels.models.objectives.ddpm), for `DiT-*` configs.
 
 Epsilon prediction on the 1000-step linear beta schedule, t uniform over the steps, the loss
 IDDPM's "hybrid": the eps MSE plus the variational-bound term of the learned-range variance, with
@@ -9,8 +9,8 @@ uses DDIM at --eval-steps (deterministic, as its Heun is for the flow models). `
 """
 from __future__ import annotations
 
-from ..convert import Interop
-from ..diffusion import NUM_STEPS, DDPMObjective, GaussianDiffusion
+from ..interop.official import Interop
+from ..objectives.ddpm import NUM_STEPS, DDPMObjective, GaussianDiffusion
 from .base import Method
 from .registry import register_method
 
@@ -25,7 +25,7 @@ class DiTObjective(Method):
         super().__init__(model, args)
         self.ddpm = DDPMObjective(GaussianDiffusion(learn_sigma=bool(getattr(model, "learn_sigma", True))))
         if model is not None:
-            # What the network predicts, read by effkernels.models.samplers (and deep-copied into the
+            # What the network predicts, read by effkernels.models.sampling.samplers (and deep-copied into the
             # EMA): sample() runs DDPM/DDIM on it, so Method's default sampler and TREAD's both work.
             model.interop = Interop("dit", "eps", f"DDPM steps 0..{NUM_STEPS - 1} (0 = least noise)", None,
                                     "effkernels")

@@ -21,8 +21,8 @@ import torch
 
 from .base import ConfigError
 from .options import add_options, opt, read_options
-from .repa import REPA, REPAOptions
 from .registry import register_method
+from .repa import REPA, REPAOptions
 
 C0_BY_DEPTH = {28: 6.0, 24: 3.0}  # XL, L; 1 otherwise
 

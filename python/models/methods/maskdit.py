@@ -36,13 +36,15 @@ from effkernels import ops
 from effkernels.nn import DiTBlock, ModulatedLayerNorm
 from effkernels.nn.routing import TokenPack, draw_ratios
 
-from ..backbone import get_2d_sincos_pos_embed, modulated_linear
-from ..objectives import interpolate, mean_prediction, velocity_target
-from ..samplers import sample
+from ..backbone.network import modulated_linear
+from ..backbone.positions import get_2d_sincos_pos_embed
+from ..objectives.flow import interpolate, velocity_target
+from ..objectives.prediction import mean_prediction
+from ..sampling.samplers import sample
 from .base import ConfigError, Method, draw_label_dropout
 from .options import add_options, opt, read_options
-from .tread import parse_ratio_range
 from .registry import register_method
+from .tread import parse_ratio_range
 
 # Widths from which the paper's decoder (8 blocks of width 512, 16 heads) is the default: the DiT sizes.
 PAPER_DECODER_FROM_WIDTH = 384

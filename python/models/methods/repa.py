@@ -16,7 +16,7 @@ every sample weighs what it does at a fixed count.
 Parts: the projectors are the method's module `repa_projectors` (optimised, DDP-wrapped,
 checkpointed; keys repa_projectors.<i>.proj.{0,2,4}.* mirror REPA's projectors.<i>.{0,2,4}.*). The
 encoders are frozen, never in modules(), moved to the data's device in attach(); see
-effkernels.models.encoders for the encoder protocol and the specs.
+effkernels.models.methods.encoders for the encoder protocol and the specs.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from effkernels import ops
 from effkernels.nn import AlignmentHead
 from effkernels.nn.routing import TokenPack
 
-from .. import encoders as enc
+from . import encoders as enc
 from .base import ConfigError, Method
 from .options import add_options, opt, read_options
 from .registry import register_method
@@ -123,7 +123,7 @@ class REPA(Method):
 
     def __init__(self, model=None, args=None, *, encoders=None):
         """`encoders`: programmatic targets instead of --repa-encoder: a list of encoder objects
-        (the protocol of effkernels.models.encoders) or of (name, encoder) pairs."""
+        (the protocol of effkernels.models.methods.encoders) or of (name, encoder) pairs."""
         super().__init__(model, args)
         if model is None:
             raise ConfigError("REPA needs the backbone (its width, depth and token grid) to build its projectors")

@@ -38,8 +38,8 @@ from torch import nn
 from effkernels import ops
 from effkernels.nn.routing import TokenPack
 
-from ..diffusion import GaussianDiffusion
-from ..objectives import interpolate
+from ..objectives.ddpm import GaussianDiffusion
+from ..objectives.flow import interpolate
 from .base import ConfigError, Method, draw_label_dropout
 from .options import add_options, opt, read_options
 from .registry import register_method

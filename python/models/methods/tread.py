@@ -30,10 +30,9 @@ from torch import nn
 from effkernels import ops
 from effkernels.nn.routing import TokenPack, check_ratio_range, draw_ratios, keep_count
 
-from ..backbone import Route
-from ..objectives import mean_prediction
-from ..guidance import model_output
-from ..samplers import sample
+from ..backbone.network import Route
+from ..objectives.prediction import mean_prediction, model_output
+from ..sampling.samplers import sample
 from .base import ConfigError, Method
 from .options import add_options, opt, read_options
 from .registry import register_method

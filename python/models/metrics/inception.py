@@ -1,6 +1,6 @@
 """The standard ImageNet metrics: FID, sFID, Inception Score, precision/recall in Inception-v3 features.
 
-    python -m effkernels.models.inception --weights pt_inception-2015-12-05-6726825d.pth \\
+    python -m effkernels.models.metrics.inception --weights pt_inception-2015-12-05-6726825d.pth \\
         --ref VIRTUAL_imagenet256_labeled.npz --samples samples_images.npz
 
 The network is the FID variant of Inception-v3 (the 2015-12-05 TensorFlow graph that every FID number
@@ -27,7 +27,7 @@ Reference statistics: the ADM reference batches (VIRTUAL_imagenet256_labeled.npz
 sigma_s, and arr_0, 10K uint8 images that precision/recall needs) or any .npz with mu/sigma.
 
 This is for images (decoded samples). The trainer's default for the embedded data stays the small-CNN
-Frechet distance of effkernels.models.metrics (named "fd": a data-trained classifier's features, not FID).
+Frechet distance of effkernels.models.metrics.classifier (named "fd": a data-trained classifier's features, not FID).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import frechet_distance, gaussian_stats
+from .frechet import frechet_distance, gaussian_stats
 
 SPATIAL_CHANNELS = 7  # ADM's sFID keeps the first 7 channels of mixed_6/conv
 
@@ -329,7 +329,7 @@ def _read_images(path: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m effkernels.models.inception", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m effkernels.models.metrics.inception", description=__doc__.split("\n")[0])
     p.add_argument("--weights", required=True, help="local FID Inception weights (state dict or TorchScript)")
     p.add_argument("--ref", required=True, help="reference .npz (mu, sigma[, mu_s, sigma_s, arr_0])")
     p.add_argument("--samples", required=True, help=".npz with arr_0 (uint8 NHWC) or images (float NCHW, [-1, 1])")

@@ -1,5 +1,5 @@
 """Samplers: ODE (Euler, Heun) and SDE (Euler-Maruyama) for the flow-matching models, DDPM and DDIM for
-DiT's noise-predicting ones (effkernels.models.diffusion), classifier-free guidance (guidance.py) on an
+DiT's noise-predicting ones (effkernels.models.objectives.ddpm), classifier-free guidance (guidance.py) on an
 interval of t.
 
 Time runs from t = 1 (noise) to t = 0 (data), REPA's convention; an official SiT checkpoint (t = 0 noise)
@@ -35,8 +35,9 @@ import math
 
 import torch
 
-from .diffusion import diffusion_sample
-from .guidance import guided_velocity, paper_guided_channels, predicts_noise
+from ..backbone.guidance import guided_velocity, paper_guided_channels
+from ..objectives.prediction import predicts_noise
+from .ddpm import diffusion_sample
 
 FLOW_SAMPLERS = ("euler", "heun", "euler-maruyama")
 SAMPLERS = FLOW_SAMPLERS + ("ddpm", "ddim")

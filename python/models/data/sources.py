@@ -13,7 +13,7 @@ Sources (`load_dataset(spec)`):
                    encoder features beside the latents, "image": the raw image beside its latent),
                    kept in `extras` and passed to a method that asks for it (Method.batch_keys).
   <file>.npy       latents (N, C, H, W); labels from <file-stem>_labels.npy if it exists, else all 0.
-  <latent folder>  fast-DiT's features/ + labels/ or REPA's vae-sd/ (+ images/): effkernels.models.latents,
+  <latent folder>  fast-DiT's features/ + labels/ or REPA's vae-sd/ (+ images/): effkernels.models.data.latents,
                    read per sample by a worker pool, never all in memory.
 The value range of images is [-1, 1]; for latents it is None (unbounded: samplers do not clamp).
 """

@@ -1,7 +1,7 @@
 """DiT / SiT backbone built from effkernels.nn: adaLN-Zero transformer on latent patches.
 
 Follows the layout of the original DiT models.py (same parameter names, so official checkpoints load
-unchanged through effkernels.models.convert), with three additions used by the training methods:
+unchanged through effkernels.models.interop.patch), with three additions used by the training methods:
   - hidden states at chosen depths (REPA, ERW, SRA), blocks numbered 1..depth, "depth d" = output
     of block d; `stop_at=d` runs blocks 1..d only (SRA's teacher);
   - TREAD routes: `routes=[Route(start, end, ratio)]` runs blocks start..end on a random subset of
@@ -23,11 +23,11 @@ from torch import nn
 
 from effkernels import ops
 from effkernels.nn import DiTBlock, ModulatedLayerNorm
-from effkernels.nn.routing import TokenPack, keep_count
 from effkernels.nn._common import check_backend, check_positive_int, check_ratio
+from effkernels.nn.routing import TokenPack, keep_count
 
 from .guidance import cfg_forward
-
+from .positions import get_2d_sincos_pos_embed
 
 #################################################################################
 #                     Embedding layers for patches, timesteps and labels         #
@@ -469,66 +469,3 @@ class DiT(nn.Module):
             raise ValueError("forward_with_cfg needs a null class: build the model with class_dropout_prob > 0")
         C = self.in_channels if guided_channels is None else guided_channels
         return cfg_forward(self, x, t, y, cfg_scale, null_class=self.num_classes, guided_channels=C)
-
-
-#################################################################################
-#                   Sine/Cosine Positional Embedding Functions                  #
-#################################################################################
-
-def get_1d_sincos_pos_embed(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
-    """(M,) positions -> (M, embed_dim) float64: [sin(pos w_i), cos(pos w_i)], w_i = 10000^(-2i/embed_dim)."""
-    omega = torch.arange(embed_dim // 2, dtype=torch.float64, device=pos.device) / (embed_dim / 2.0)
-    omega = 1.0 / 10000 ** omega
-    out = pos.double()[:, None] * omega[None]  # (M, D/2)
-    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
-
-
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """(grid_size**2, embed_dim) float32 for a square grid, tokens in row-major order.
-
-    The first half of the features encodes the column, the second half the row (the order the
-    official DiT embedding uses, so our table equals the one stored in its checkpoints).
-    """
-    n = torch.arange(grid_size * grid_size)
-    rows, cols = n // grid_size, n % grid_size
-    emb = torch.cat([get_1d_sincos_pos_embed(embed_dim // 2, cols),
-                     get_1d_sincos_pos_embed(embed_dim // 2, rows)], dim=1)
-    return emb.float()
-
-
-#################################################################################
-#                                  DiT Configs                                  #
-#################################################################################
-
-# size -> (depth, hidden_size, num_heads)
-SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-
-# Tiny CPU models for the 8x8x1 digits data set.
-TINY = dict(input_size=8, in_channels=1, num_classes=10, hidden_size=64, depth=6, num_heads=4)
-
-
-def _config(depth: int, hidden_size: int, num_heads: int, patch_size: int, **defaults):
-    def make(**overrides) -> DiT:
-        kw = dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **defaults)
-        kw.update(overrides)
-        return DiT(**kw)
-    return make
-
-
-# The official DiT predicts a learned variance (learn_sigma=True); SiT's flow matching does not.
-CONFIGS = {}
-for _family, _learn_sigma in (("DiT", True), ("SiT", False)):
-    for _size, (_depth, _width, _heads) in SIZES.items():
-        for _p in (2, 4, 8):
-            CONFIGS[f"{_family}-{_size}/{_p}"] = _config(_depth, _width, _heads, _p, learn_sigma=_learn_sigma)
-for _p in (1, 2, 4):
-    CONFIGS[f"tiny/{_p}"] = _config(TINY["depth"], TINY["hidden_size"], TINY["num_heads"], _p,
-                                    input_size=TINY["input_size"], in_channels=TINY["in_channels"],
-                                    num_classes=TINY["num_classes"])
-
-
-def build(name: str, **overrides) -> DiT:
-    """A model from a named config, e.g. build("SiT-XL/2") or build("tiny/2", num_classes=10)."""
-    if name not in CONFIGS:
-        raise ValueError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
-    return CONFIGS[name](**overrides)

@@ -13,16 +13,16 @@ import torch
 import effkernels
 from effkernels.backends import BACKENDS
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .cli import check_backend_arg
-from .convert import load_official
-from .guidance import predicts_noise
-from .images import save_grid
-from .methods import ConfigError, Method
+from ..checkpoint import CheckpointError, load_checkpoint
+from ..data.vae import VAEError, decode_latents, load_vae, save_pngs, to_uint8_nhwc
+from ..interop.official import load_official
+from ..methods import ConfigError, Method
+from ..objectives.prediction import predicts_noise
+from ..sampling.images import save_grid
+from ..sampling.samplers import SAMPLERS, SDE_LAST_STEP
+from ..train.rebuild import generator_from_checkpoint
+from .args import check_backend_arg
 from .presets import add_preset_arg, announce, apply_preset
-from .rebuild import generator_from_checkpoint
-from .samplers import SAMPLERS, SDE_LAST_STEP
-from .vae import VAEError, decode_latents, load_vae, save_pngs, to_uint8_nhwc
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from .arrays import DataError
+from ..data.arrays import DataError
 
 SHUFFLES = ("replacement", "epoch")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .prediction import mean_prediction
+
 # -----------------------------------------------------------------------------------------------
 # The interpolant
 # -----------------------------------------------------------------------------------------------
@@ -46,20 +48,6 @@ def score_from_velocity(v: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
         raise ValueError("score_from_velocity: t must be > 0 (the score of the data itself is not defined here)")
     tt = _expand(t, x_t)
     return -(x_t + (1 - tt) * v) / tt
-
-
-def mean_prediction(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The prediction shaped like `like` (B, C, ...): `out` itself, or its first C channels when the
-    model also predicts a variance (DiT's learn_sigma: 2C channels, mean first, as DiT and SiT split
-    them). Any other shape is an error: broadcasting a wrong shape would train on a wrong target."""
-    if out.shape == like.shape:
-        return out
-    c = like.shape[1] if like.dim() > 1 else None
-    if c is not None and out.dim() == like.dim() and out.shape[1] == 2 * c and out.shape[2:] == like.shape[2:] \
-            and out.shape[0] == like.shape[0]:
-        return out[:, :c]
-    raise ValueError(f"the model's output {tuple(out.shape)} matches neither the target {tuple(like.shape)} "
-                     "nor a learned-sigma output (B, 2C, ...)")
 
 
 # -----------------------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 method from the options it was trained with, the EMA (or raw) weights loaded into both."""
 from __future__ import annotations
 
-from .backbone import build
-from .checkpoint import CheckpointError
-from .methods import args_from_json, build_method
+from ..backbone.configs import build
+from ..checkpoint import CheckpointError
+from ..methods import args_from_json, build_method
 
 
 def model_from_checkpoint(ckpt: dict, ema: bool = True):

@@ -33,8 +33,8 @@ import os
 import numpy as np
 import torch
 
+from ..cache import cache_dir
 from .arrays import ArrayDataset, DataError
-from .cache import cache_dir
 
 SD_VAE_SCALE = 0.18215  # the SD-VAE's latent scale (DiT, SiT, REPA)
 FAST_DIT_DIRS = (("features", "labels"), ("imagenet256_features", "imagenet256_labels"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .objectives import mean_prediction
+from ..objectives.prediction import mean_prediction, model_output
 
 
 def cfg_forward(model, x, t, y, cfg_scale: float, *, null_class: int | None = None, guided_channels: int | None = None,
@@ -63,10 +63,3 @@ def guided_velocity(model, x, t: float, y, *, cfg_scale: float = 1.0, guidance_i
     return mean_prediction(out, x)
 
 
-def model_output(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def predicts_noise(model) -> bool:
-    """Whether the network predicts DDPM noise (an official DiT checkpoint), not a velocity."""
-    return getattr(getattr(model, "interop", None), "prediction", "velocity") == "eps"

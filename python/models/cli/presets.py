@@ -122,7 +122,7 @@ PRESETS = {
 
 def add_preset_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                        help="a paper's defaults (see effkernels.models.presets); explicit flags override them")
+                        help="a paper's defaults (see effkernels.models.cli.presets); explicit flags override them")
 
 
 def apply_preset(parser: argparse.ArgumentParser, argv, kind: str = "train") -> tuple[Preset | None, dict]:

@@ -28,8 +28,8 @@ import tempfile
 import numpy as np
 import torch
 
-from . import encoders as enc
-from .data import DataError, load_dataset
+from ..data.sources import DataError, load_dataset
+from ..methods import encoders as enc
 
 FP16_MAX = float(np.finfo(np.float16).max)
 

@@ -1,0 +1,1 @@
+"""The command-line tools, one file each (train.py: effkernels-train, sample.py: effkernels-sample, features.py: effkernels-features), the paper presets (presets.py) and shared argument checks (args.py)."""
