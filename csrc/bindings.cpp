@@ -1,7 +1,8 @@
 // effkernels._C: the operator schemas (torch.ops.effkernels_C.*) and a minimal Python module.
 //
-// Kernels register per device in routing.cu, adaln.cu and align.cu (TORCH_LIBRARY_IMPL); fake
-// (meta) kernels and autograd are registered from Python in effkernels/_ext/__init__.py. The module
+// Kernels register per device in routing.cu, adaln.cu, align.cu, swiglu.cu and rope.cu
+// (TORCH_LIBRARY_IMPL); fake (meta) kernels and autograd are registered from Python in
+// effkernels/_ext/__init__.py. The module
 // itself needs no pybind11: importing it loads this library, whose static initialisers register the
 // ops, and it exposes WITH_CUDA and CUDA_ARCHS for effkernels.backends.
 #include <Python.h>
@@ -56,6 +57,14 @@ EK_TORCH_LIBRARY(m) {
         " -> (Tensor, Tensor, Tensor)");
   m.def("rms_fused_bwd(Tensor dh, Tensor dout, Tensor h, Tensor y, Tensor gate, Tensor shift, Tensor scale,"
         " Tensor? weight, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // swiglu: a, b (B, N, H) row views (the halves of one projection: row stride 2H); results contiguous
+  m.def("swiglu_fwd(Tensor a, Tensor b) -> Tensor");
+  m.def("swiglu_fwd_out(Tensor a, Tensor b, Tensor(a!) out) -> ()");
+  m.def("swiglu_bwd(Tensor dout, Tensor a, Tensor b) -> (Tensor, Tensor)");
+  // rope: q, k, q_out, k_out (B, H, N, Dh) views, pos (B, N, 2) int32/int64, inv_freq (Dh / 2,) float32;
+  // sin_sign -1 is the backward (the inverse rotation)
+  m.def("rope2d(Tensor q, Tensor k, Tensor pos, Tensor inv_freq, float sin_sign, Tensor(a!) q_out,"
+        " Tensor(b!) k_out) -> ()");
 }
 
 // -DEFFK_CUDA_ARCHS=8.0_9.0 (a preprocessor number: '_' stands for ';' and 'p' for '+').

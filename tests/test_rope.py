@@ -21,11 +21,13 @@ CPU = torch.device("cpu")
 SHAPES = ((2, 3, 7, 72), (1, 2, 5, 6), (2, 1, 3, 2), (3, 2, 4, 16))
 
 
+_EXT = effkernels.backends.available("cpp", CPU)[0]
+if _EXT:
+    from effkernels._ext import rope as xrope
+
+
 def _backends():
-    out = ["triton"]
-    if effkernels.backends.available("cpp", CPU)[0] and hasattr(torch.ops.effkernels_C, "rope2d"):
-        out.append("cpp")
-    return out
+    return ["triton", "cpp"] if _EXT else ["triton"]
 
 
 def _sid(s):
@@ -307,3 +309,18 @@ def test_compile_fullgraph_keeps_ops(seed):
     assert_close(res[0][1], res[1][1], torch.float32, name="dW")
     assert "effkernels.rope2d." in "\n".join(str(g.graph) for g in rec.graphs)
     assert "rope2d_backward" in "\n".join(str(g.graph) for g in rec.bw_graphs)
+
+
+@pytest.mark.skipif(not _EXT, reason="effkernels._C is not built (CI builds it, where a skip fails)")
+def test_raw_op_opcheck_and_no_autograd(seed):
+    """The extension's raw op (fake in effkernels/_ext/__init__.py), on permuted qkv views, shared
+    (stride 0) positions and strided outputs; one place (effkernels.ops) defines its backward."""
+    q, k, _ = torch.randn(2, 4, 3, 3, 6).permute(2, 0, 3, 1, 4).unbind(0)
+    pos = ops.grid_positions(2, 2).unsqueeze(0).expand(2, -1, -1)
+    qo = torch.empty(2, 4, 3, 6).transpose(1, 2)
+    C = torch.ops.effkernels_C
+    assert xrope.RAW_OPS == ("rope2d",)
+    for sign in (1.0, -1.0):
+        torch.library.opcheck(C.rope2d.default, (q, k, pos.int(), ref.rope2d_inv_freq(6), sign, qo,
+                                                 torch.empty(2, 3, 4, 6)))
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("effkernels_C::rope2d", "Autograd")

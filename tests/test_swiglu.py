@@ -20,11 +20,13 @@ SHAPES = ((2, 7, 17), (1, 5, 384), (3, 3, 1500), (5, 3), (2, 2, 3, 9), (4, 1))
 CPU = torch.device("cpu")
 
 
+_EXT = effkernels.backends.available("cpp", CPU)[0]
+if _EXT:
+    from effkernels._ext import swiglu as xswiglu
+
+
 def _backends():
-    out = ["triton"]
-    if effkernels.backends.available("cpp", CPU)[0] and hasattr(torch.ops.effkernels_C, "swiglu_fwd"):
-        out.append("cpp")
-    return out
+    return ["triton", "cpp"] if _EXT else ["triton"]
 
 
 def _sid(s):
@@ -179,3 +181,18 @@ def test_compile_fullgraph_keeps_ops(seed):
     assert_close(grads[0][1], grads[1][1], torch.float32, name="dW1")
     assert "effkernels.swiglu." in "\n".join(str(g.graph) for g in rec.graphs)
     assert "swiglu_backward" in "\n".join(str(g.graph) for g in rec.bw_graphs)
+
+
+@pytest.mark.skipif(not _EXT, reason="effkernels._C is not built (CI builds it, where a skip fails)")
+def test_raw_ops_opcheck_and_no_autograd(seed):
+    """The extension's raw ops (fakes in effkernels/_ext/__init__.py), on strided halves; one place
+    (effkernels.ops) defines their backward."""
+    p = torch.randn(2, 3, 10)
+    a, b = p.chunk(2, -1)
+    C = torch.ops.effkernels_C
+    cases = {"swiglu_fwd": (a, b), "swiglu_fwd_out": (a, b, torch.empty(2, 3, 5)),
+             "swiglu_bwd": (torch.randn(2, 3, 5), a, b)}
+    assert set(cases) == set(xswiglu.RAW_OPS)
+    for name, args in cases.items():
+        torch.library.opcheck(getattr(C, name).default, args)
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"effkernels_C::{name}", "Autograd"), name

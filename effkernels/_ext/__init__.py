@@ -73,6 +73,11 @@ def _register() -> None:
         "proj_cosine_fwd_out": lambda h, w, b, z, eps, chunk, cos, norms: None,
         "proj_cosine_bwd": lambda dcos, h, w, b, z, cos, norms, eps, chunk: (
             _like(h), _like(w), _like(b) if b is not None else h.new_empty(0, dtype=torch.float32)),
+        # swiglu (_ext/swiglu.py) and rope (_ext/rope.py): their RAW_OPS, opchecked in their test files
+        "swiglu_fwd": lambda a, b: _like(a),
+        "swiglu_fwd_out": lambda a, b, out: None,
+        "swiglu_bwd": lambda dout, a, b: (_like(a), _like(a)),
+        "rope2d": lambda q, k, pos, inv_freq, sin_sign, q_out, k_out: None,
     }
     for name, fn in fake.items():
         # The schema's python module is effkernels._ext: give the fakes this module's name.
