@@ -58,6 +58,16 @@ def cases(B: int, N: int, D: int, dtype, device, backward: bool):
                i[0], i[1], *i[2].chunk(6, -1)[2:5], backend=b)), 4 * x_bnd)
     yield ("per_token_cosine", lambda: needs_grad(rnd(B, N, D)) + [rnd(B, N, D)],
            grad_of(lambda i, b: ops.cosine_alignment_loss(i[0], i[1], backend=b)), 2 * x_bnd)
+    # SwiGLU on the halves of one (B, N, 2Hm) projection, Hm = LightningDiT's 2/3 * 4D; RoPE on the
+    # permuted q, k views of one (B, N, 3, D / 64, 64) qkv projection, DiT's grid positions.
+    hm = int(2 * 4 * D / 3)
+    yield ("swiglu", lambda: needs_grad(rnd(B, N, 2 * hm)),
+           grad_of(lambda i, b: ops.swiglu(*i[0].chunk(2, -1), backend=b)), 3 * B * N * hm * es)
+    heads = max(1, D // 64)
+    side = max(1, int(N ** 0.5))
+    pos = torch.stack([torch.arange(N) // side, torch.arange(N) % side], -1).to(device)  # (N, 2) row, column
+    yield ("rope2d", lambda: needs_grad(rnd(B, N, 3, heads, D // heads)),
+           grad_of(lambda i, b: ops.rope2d(*i[0].permute(2, 0, 3, 1, 4)[:2], pos, backend=b)), 4 * x_bnd)
 
 
 def timer(device: str, fn, reps: int) -> float:
