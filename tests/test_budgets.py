@@ -159,25 +159,24 @@ def test_maskdit_sample_that_masks_nothing_adds_zero_mae(seed):
 
 
 def test_packed_block_broadcasts_per_sample_conditioning(seed):
-    """DiTBlock on packed rows with c per sample + segment ids equals the per-token-c form and each
-    sample run alone, dense."""
+    """DiTBlock on a TokenPack's rows with c per sample equals each sample run alone, dense."""
     g = torch.Generator().manual_seed(seed)
     blk = DiTBlock(16, 2)
     _randomize(blk)
     lengths = [1, 7, 4]
     pack = TokenPack.from_indices([torch.randperm(8, generator=g)[:k].sort().values for k in lengths], 8)
     x, c = torch.randn(pack.total, 16, generator=g), torch.randn(3, 16, generator=g)
-    kw = dict(cu_seqlens=pack.cu_seqlens, max_seqlen=pack.max_seqlen)
-    out = blk(x, c, segment_ids=pack.seg, **kw)
-    torch.testing.assert_close(out, blk(x, c[pack.seg], **kw), rtol=0, atol=1e-6)
+    out = blk(x, c, pack)
     cu = pack.cu_seqlens.tolist()
     for b in range(3):
         torch.testing.assert_close(out[cu[b]:cu[b + 1]], blk(x[None, cu[b]:cu[b + 1]], c[b:b + 1])[0],
                                    rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="segment_ids"):
-        blk(x, c, segment_ids=pack.seg[:-1], **kw)
-    with pytest.raises(ValueError, match="segment_ids needs packed"):
-        blk(x[None], c, segment_ids=pack.seg)
+    with pytest.raises(ValueError, match="with pack"):
+        blk(x[:-1], c, pack)
+    with pytest.raises(ValueError, match="with pack"):
+        blk(x, c[:2], pack)
+    with pytest.raises(TypeError, match="pack must be a TokenPack"):
+        blk(x, c, pack.cu_seqlens)
 
 
 def test_pack_draw_equals_draw_route_at_equal_counts_and_is_valid(seed):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from effkernels.models.metrics.classifier import inception as inc
+from effkernels.models.metrics import inception as inc
 from effkernels.models.metrics.frechet import frechet_distance
 
 tv = pytest.importorskip("torchvision.models.inception")

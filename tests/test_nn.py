@@ -9,6 +9,7 @@ from torch import nn
 
 import effkernels.nn as enn
 from effkernels import ops
+from effkernels.nn.routing import TokenPack
 from helpers import TOL, TOL_REDUCE, rel_err
 
 
@@ -308,8 +309,8 @@ def test_dit_block_packed_equals_per_sample(seed):
     xs = [torch.randn(1, n, 32) for n in lengths]
     cs = [torch.randn(1, 32) for _ in lengths]
     packed = torch.cat([x[0] for x in xs])
-    c_tok = torch.cat([c.expand(n, -1) for c, n in zip(cs, lengths)])
-    out = block(packed, c_tok, cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32), max_seqlen=6)
+    pack = TokenPack.from_indices([torch.arange(n) for n in lengths], max(lengths))
+    out = block(packed, torch.cat(cs), pack)
     ref = torch.cat([block(x, c)[0] for x, c in zip(xs, cs)])
     assert rel_err(out, ref) <= TOL_REDUCE[torch.float32]
 

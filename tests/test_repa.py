@@ -155,7 +155,7 @@ def test_token_grids_are_resampled_to_the_dit_grid():
 # -----------------------------------------------------------------------------------------------
 
 def test_digits_encoder_trains_caches_and_is_not_the_metric_classifier(cache, monkeypatch):
-    from effkernels.models.metrics.classifier import classifier as metrics
+    from effkernels.models.metrics import classifier as metrics
 
     ds = load_dataset("digits")
     a = enc.DataEncoder()
@@ -368,7 +368,7 @@ def test_fitting_or_loading_a_cached_network_leaves_the_callers_rng_alone(tmp_pa
     """A run that fits the data encoder and the metric's classifier and one that loads them from the
     cache continue with the same global RNG stream (label dropout draws from it), and what is fitted
     does not depend on the caller's RNG state."""
-    from effkernels.models.metrics.classifier import classifier as metrics
+    from effkernels.models.metrics import classifier as metrics
 
     ds = load_dataset("digits")
     nets = []

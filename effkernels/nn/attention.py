@@ -24,7 +24,7 @@ class VisibleAttention(nn.Module):
         MaskDiT the N tokens are the ones kept, gathered beforehand.
     forward(x (B, N, D), keep_idx=(B, K) int) -> (B, K, D): only the tokens keep_idx names are
         visible; they are gathered (effkernels.ops.route_gather) and attend among themselves.
-    forward(x (T, D), cu_seqlens=(S + 1,) int, max_seqlen=int) -> (T, D): the visible tokens of
+    forward(x (T, D) or (1, T, D), cu_seqlens=(S + 1,) int, max_seqlen=int) -> x's shape: the visible tokens of
         S samples packed back to back; sample i owns rows cu_seqlens[i]:cu_seqlens[i + 1] and
         attention never crosses samples.
     """
@@ -69,13 +69,14 @@ class VisibleAttention(nn.Module):
             o = ops.visible_attention(q, k, v, backend=self.backend)
             o = o.transpose(1, 2).reshape(B, N, D)
         else:
-            if x.dim() != 2:
-                raise ValueError(f"x must be packed (T, D) with cu_seqlens, got shape {tuple(x.shape)}")
-            T, D = x.shape
+            one = x.dim() == 3 and x.shape[0] == 1  # (1, T, D): the packed rows as one sequence
+            if x.dim() != 2 and not one:
+                raise ValueError(f"x must be packed (T, D) or (1, T, D) with cu_seqlens, got shape {tuple(x.shape)}")
+            T, D = x.shape[-2:]
             q, k, v = self.qkv(x).reshape(T, 3, H, Dh).unbind(1)  # (T, H, Dh)
             q, k = self._norm_qk(q, k)
             o = ops.visible_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                      backend=self.backend).reshape(T, D)
+                                      backend=self.backend).reshape(x.shape)
         return self.proj(o)
 
     def extra_repr(self) -> str:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import ops
 from ._common import check_backend, check_positive_float, check_positive_int
 from .attention import VisibleAttention
 from .modulation import GatedResidual, GatedResidualModulatedLayerNorm, ModulatedLayerNorm
+from .routing import TokenPack
 
 
 class Mlp(nn.Module):
@@ -27,21 +27,19 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def adaln_zero(x: torch.Tensor, c: torch.Tensor, modulation, attn, mlp, norm1, norm2, residual) -> torch.Tensor:
-    """The adaLN-Zero block's arithmetic, written once: DiTBlock and the official blocks that
-    effkernels.models.interop.patch.apply_effkernels patches both run it with their own parts.
+def adaln_zero(x: torch.Tensor, mod: torch.Tensor, parts, **attn_kw) -> torch.Tensor:
+    """The adaLN-Zero block's arithmetic, written once: DiTBlock runs it with itself as `parts`, and
+    effkernels.models.interop.patch.apply_effkernels with an official block's own attn and mlp.
 
-    modulation(c) -> (B, 6D) (or per token); attn(h), mlp(h) -> like h; norm1(x, shift, scale) -> h;
-    norm2(x, y, gate, shift, scale) -> (x + gate * y, LN(.) * (1 + scale) + shift);
-    residual(x, y, gate) -> x + gate * y.
+    x (B, N, D); mod = adaLN_modulation(c): (B, 6D) per sample or (B, N, 6D) per token.
+    parts: an object with norm1 (ModulatedLayerNorm), norm2 (GatedResidualModulatedLayerNorm),
+    residual (GatedResidual), attn and mlp (modules (B, N, D) -> (B, N, D); attn gets attn_kw).
+    Returns x + g1 * attn(...) + g2 * mlp(...) as the block computes it, (B, N, D) in x's dtype.
     """
-    mod = modulation(c)
-    if mod.dtype != x.dtype:
-        mod = mod.to(x.dtype)
-    shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # strided views, never copied
-    h = norm1(x, shift1, scale1)
-    x, h = norm2(x, attn(h).to(x.dtype), gate1, shift2, scale2)
-    return residual(x, mlp(h).to(x.dtype), gate2)
+    shift1, scale1, gate1, shift2, scale2, gate2 = mod.to(x.dtype).chunk(6, dim=-1)  # strided views
+    h = parts.norm1(x, shift1, scale1)
+    x, h = parts.norm2(x, parts.attn(h, **attn_kw).to(x.dtype), gate1, shift2, scale2)
+    return parts.residual(x, parts.mlp(h).to(x.dtype), gate2)
 
 
 class DiTBlock(nn.Module):
@@ -53,9 +51,9 @@ class DiTBlock(nn.Module):
             512-wide decoder blocks are conditioned on the backbone's c); qk_norm: per-head LayerNorm
             of q and k (REPA's --qk-norm, see VisibleAttention); backend: passed to every op.
     forward(x (B, N, D), c (B, C) per sample or (B, N, C) per token, C = cond_dim or D) -> (B, N, D).
-        With cu_seqlens/max_seqlen, x is packed (T, D) and attention runs within each segment only;
-        c is then per sample (S, C) with segment_ids (T,) naming each row's sample (the modulation
-        is computed per sample and broadcast to its rows), or per token (T, C) without segment_ids.
+        With pack (an effkernels.nn.routing.TokenPack), x holds the pack's rows (T, D), attention
+        runs within each sample only, and c is per sample (B, C): each sample's modulation is
+        computed once and broadcast to its rows. -> (T, D).
 
     Equal to the official block  x = x + g1 * attn(modulate(norm1(x), s1, sc1));
     x = x + g2 * mlp(modulate(norm2(x), s2, sc2))  with the residual add of the first half fused into
@@ -83,33 +81,15 @@ class DiTBlock(nn.Module):
         self.residual = GatedResidual(backend=backend)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        packed = cu_seqlens is not None
-        if packed:
-            if segment_ids is not None:
-                if x.dim() != 2 or c.dim() != 2 or segment_ids.shape != (x.shape[0],):
-                    raise ValueError(f"packed x, c and segment_ids must be (T, D), (S, C) and (T,), got "
-                                     f"{tuple(x.shape)}, {tuple(c.shape)} and {tuple(segment_ids.shape)}")
-            elif x.dim() != 2 or c.dim() != 2 or c.shape[0] != x.shape[0]:
-                raise ValueError(f"packed x and c must be (T, D) and (T, C), got {tuple(x.shape)} and {tuple(c.shape)}")
-
-            def modulation(c):
-                mod = self.adaLN_modulation(c)
-                if segment_ids is not None:
-                    # Conditioning per sample: the modulation is computed once per sample (S, 6D)
-                    # and each packed row takes its sample's row, not a (T x C) linear per token;
-                    # its gradient sums each segment's rows in a fixed order (deterministic).
-                    mod = ops.segment_expand(mod, segment_ids, cu_seqlens, max_seqlen)
-                # The adaLN ops are written for (B, N, D): a packed sequence is one sample of T tokens.
-                return mod.unsqueeze(0)
-
-            def attn(h):
-                return self.attn(h[0], cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).unsqueeze(0)
-            x = x.unsqueeze(0)
-        else:
-            if segment_ids is not None:
-                raise ValueError("segment_ids needs packed input (cu_seqlens and max_seqlen)")
-            modulation, attn = self.adaLN_modulation, self.attn
-        x = adaln_zero(x, c, modulation, attn, self.mlp, self.norm1, self.norm2, self.residual)
-        return x[0] if packed else x
+    def forward(self, x: torch.Tensor, c: torch.Tensor, pack: TokenPack | None = None) -> torch.Tensor:
+        if pack is None:
+            return adaln_zero(x, self.adaLN_modulation(c), self)  # (B, N, D)
+        if not isinstance(pack, TokenPack):
+            raise TypeError(f"pack must be a TokenPack or None, got {type(pack).__name__}")
+        if x.dim() != 2 or x.shape[0] != pack.total or c.dim() != 2 or c.shape[0] != pack.batch:
+            raise ValueError(f"with pack ({pack.batch} samples, {pack.total} rows) x and c must be "
+                             f"({pack.total}, D) and ({pack.batch}, C), got {tuple(x.shape)} and {tuple(c.shape)}")
+        mod = pack.expand(self.adaLN_modulation(c))  # (T, 6D): each row its sample's modulation
+        # The adaLN ops are written for (B, N, D): the packed rows are one sequence of T tokens.
+        out = adaln_zero(x[None], mod[None], self, cu_seqlens=pack.cu_seqlens, max_seqlen=pack.max_seqlen)
+        return out[0]  # (T, D)

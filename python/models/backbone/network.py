@@ -156,6 +156,30 @@ def _basic_init(module):
             nn.init.constant_(module.bias, 0)
 
 
+def select(h: torch.Tensor, sel, backend: str | None) -> torch.Tensor:
+    """The rows of h (B, N, D) that `sel` names: h itself for None, (B, K, D) for a (B, K) keep
+    index, the packed rows (T, D) for a TokenPack. Indices are checked before (check_idx=False)."""
+    if sel is None:
+        return h
+    if isinstance(sel, TokenPack):
+        return sel.gather(h, backend=backend)
+    return ops.route_gather(h, sel, backend=backend, check_idx=False)
+
+
+def restore(full: torch.Tensor, h: torch.Tensor, sel, backend: str | None) -> torch.Tensor:
+    """full (B, N, D) with the rows `sel` names replaced by h (select's output), out of place."""
+    if sel is None:
+        return h
+    if isinstance(sel, TokenPack):
+        return sel.scatter(full, h, backend=backend)
+    return ops.route_scatter(full, h, sel, backend=backend, check_idx=False)
+
+
+def pack_of(sel) -> TokenPack | None:
+    """The TokenPack the blocks run on after select(h, sel), or None for a (B, K) or dense sequence."""
+    return sel if isinstance(sel, TokenPack) else None
+
+
 @dataclass(frozen=True)
 class Route:
     """TREAD route: blocks start..end (1-based, inclusive) see only K = N - round(N * ratio) tokens.
@@ -407,54 +431,41 @@ class DiT(nn.Module):
         Returns out, or (out, hidden) when return_hidden is non-empty.
         """
         want, last, routes = self._check_plan(return_hidden, stop_at, routes)
-        h, c = self.embed(x, t, y, force_drop_ids)  # (B, N, D), (B, D)
         be = self.backend
-        pack = None  # the TokenPack h is packed by, while the blocks run on packed rows (T, D)
+        h, c = self.embed(x, t, y, force_drop_ids)  # (B, N, D), (B, D)
+        keep = self._check_keep(keep_idx, routes, h)  # None, (B, K) or a TokenPack
+        h = select(h, keep, be)  # (B, K, D), or the pack's rows (T, D)
+        spans = self._route_indices(routes, h.shape[0], h.shape[1], h.device, generator)  # {start: (end, sel)}
+        outer = None  # inside a route: (the sequence before it, the route's selection, its last block)
+        hidden = {}
+        for d, block in enumerate(self.blocks, start=1):
+            if d > last:  # stop_at
+                break
+            if d in spans:
+                end, sel = spans[d]
+                outer = (h, sel, end)
+                h = select(h, sel, be)  # (B, K', D) or (T, D)
+            h = block(h, c, pack_of(outer[1] if outer else keep))  # same shape
+            if outer is not None and d == outer[2]:
+                h, outer = restore(outer[0], h, outer[1], be), None
+            if d in want:
+                hidden[d] = h if outer is None else restore(outer[0], h, outer[1], be)
+        if stop_at is not None:
+            return None, hidden
+        out = self.final_layer(h, c, pack_of(keep))  # (B, N or K, p*p*C_out), or (T, p*p*C_out)
+        if keep_idx is None:
+            out = self.unpatchify(out)  # (B, C_out, H, W)
+        return (out, hidden) if want else out
+
+    def _check_keep(self, keep_idx, routes, h):
+        """keep_idx checked against h (B, N, D): None, a (B, K) index, or a TokenPack (no routes then)."""
         if isinstance(keep_idx, TokenPack):
             if routes:
                 raise ValueError("routes cannot run inside a packed keep_idx (a TokenPack): give one token plan")
             keep_idx.check(h.shape[0], h.shape[1], "keep_idx")
-            h, pack = keep_idx.gather(h, backend=be), keep_idx  # (T, D)
         elif keep_idx is not None:
             ops.check_route_index(keep_idx, h.shape[1], batch=h.shape[0], name="keep_idx")
-            h = ops.route_gather(h, keep_idx, backend=be, check_idx=False)  # (B, K, D)
-        plan = self._route_indices(routes, h.shape[0], h.shape[1], h.device, generator)
-        active = None  # (idx, full sequence saved before the route, end)
-        hidden = {}
-        for d, block in enumerate(self.blocks, start=1):
-            if d in plan:
-                end, idx = plan[d]
-                active = (idx, h, end)
-                if isinstance(idx, TokenPack):
-                    h, pack = idx.gather(h, backend=be), idx  # (T, D)
-                elif idx is not None:
-                    h = ops.route_gather(h, idx, backend=be, check_idx=False)
-            if pack is None:
-                h = block(h, c)
-            else:
-                h = block(h, c, cu_seqlens=pack.cu_seqlens, max_seqlen=pack.max_seqlen, segment_ids=pack.seg)
-            if active is not None and d == active[2]:
-                h = self._restore(active, h)
-                if isinstance(active[0], TokenPack):
-                    pack = None
-                active = None
-            if d in want:
-                hidden[d] = h if active is None else self._restore(active, h)
-            if d == last:
-                break
-        out = None
-        if stop_at is None:
-            out = self.final_layer(h, c, pack)  # (B, N or K, p*p*C_out) or (T, .)
-            if keep_idx is None:
-                out = self.unpatchify(out)  # (B, C_out, H, W)
-        return (out, hidden) if want else out
-
-    def _restore(self, active, h):
-        """The full sequence saved before a route with its routed rows replaced by h (out of place)."""
-        idx, full, _ = active
-        if isinstance(idx, TokenPack):
-            return idx.scatter(full, h, backend=self.backend)
-        return h if idx is None else ops.route_scatter(full, h, idx, backend=self.backend, check_idx=False)
+        return keep_idx
 
     @torch.no_grad()
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, *,

@@ -7,36 +7,38 @@ import types
 import torch
 from torch import nn
 
-from effkernels import ops
-from effkernels.nn import DiTBlock
-from effkernels.nn._common import check_backend, unit_last
+from effkernels.nn import DiTBlock, GatedResidual, GatedResidualModulatedLayerNorm, ModulatedLayerNorm
+from effkernels.nn._common import check_backend
 from effkernels.nn.block import adaln_zero
 
 
-def _ln_args(norm: nn.LayerNorm):
-    return norm.eps, norm.weight, norm.bias
+def _fused_norm(cls, ln: nn.LayerNorm, backend: str | None):
+    """A fused norm of `cls` with the official LayerNorm's eps, weight and bias (the same Parameter
+    objects, so nothing is copied and the model's state dict does not change)."""
+    norm = cls(ln.normalized_shape[-1], ln.eps, backend=backend)
+    norm.weight, norm.bias = ln.weight, ln.bias
+    return norm
+
+
+class _FusedParts:
+    """An official block's parts in the form nn.block.adaln_zero takes: the block's own attn and
+    mlp, and fused norms sharing its LayerNorms' parameters. Not a module (nothing is registered)."""
+
+    def __init__(self, block: nn.Module, backend: str | None):
+        self.attn, self.mlp = block.attn, block.mlp
+        self.norm1 = _fused_norm(ModulatedLayerNorm, block.norm1, backend)
+        self.norm2 = _fused_norm(GatedResidualModulatedLayerNorm, block.norm2, backend)
+        self.residual = GatedResidual(backend=backend)
 
 
 def _fused_block_forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """The official block's forward on effkernels ops (nn.block.adaln_zero, as DiTBlock runs it):
-    same math, the residual add fused into LN2; the block's own attn and mlp modules."""
-    be = self._effkernels_backend
-    e1, w1, b1 = _ln_args(self.norm1)
-    e2, w2, b2 = _ln_args(self.norm2)
-    return adaln_zero(
-        unit_last(x), c, self.adaLN_modulation, self.attn, self.mlp,
-        lambda x, shift, scale: ops.modulate_layernorm(x, shift, scale, e1, w1, b1, backend=be),
-        lambda x, y, gate, shift, scale: ops.gated_residual_modulate_layernorm(
-            x, unit_last(y), gate, shift, scale, e2, w2, b2, backend=be),
-        lambda x, y, gate: ops.gated_residual(x, unit_last(y), gate, backend=be))
+    """The official block's forward on effkernels ops, the arithmetic DiTBlock runs (adaln_zero)."""
+    return adaln_zero(x, self.adaLN_modulation(c), self._effkernels_parts)
 
 
 def _fused_final_forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    mod = self.adaLN_modulation(c)
-    shift, scale = mod.to(x.dtype).chunk(2, dim=-1)
-    h = ops.modulate_layernorm(unit_last(x), shift, scale, *_ln_args(self.norm_final),
-                               backend=self._effkernels_backend)
-    return self.linear(h)
+    shift, scale = self.adaLN_modulation(c).to(x.dtype).chunk(2, dim=-1)
+    return self.linear(self._effkernels_parts(x, shift, scale))
 
 
 def _has(m: nn.Module, name: str, kind: type) -> bool:
@@ -73,11 +75,11 @@ def apply_effkernels(model: nn.Module, *, backend: str | None = None) -> nn.Modu
         if isinstance(m, DiTBlock):
             ours += 1
         elif _is_official_block(m):
-            m._effkernels_backend = backend
+            m.__dict__["_effkernels_parts"] = _FusedParts(m, backend)  # not registered: state dict unchanged
             m.forward = types.MethodType(_fused_block_forward, m)
             patched += 1
         elif _is_official_final(m):
-            m._effkernels_backend = backend
+            m.__dict__["_effkernels_parts"] = _fused_norm(ModulatedLayerNorm, m.norm_final, backend)
             m.forward = types.MethodType(_fused_final_forward, m)
     if patched == 0 and ours == 0:
         raise ValueError(f"found no DiT-style block in {type(model).__name__} (modules with LayerNorm norm1/norm2, "
@@ -88,7 +90,7 @@ def apply_effkernels(model: nn.Module, *, backend: str | None = None) -> nn.Modu
 def revert_effkernels(model: nn.Module) -> nn.Module:
     """Undo apply_effkernels: every patched module gets its class's forward back."""
     for m in model.modules():
-        if "_effkernels_backend" in m.__dict__:
+        if "_effkernels_parts" in m.__dict__:
             del m.forward
-            del m._effkernels_backend
+            del m._effkernels_parts
     return model
