@@ -1,4 +1,4 @@
-"""Method options are declared once (methods/options.py): the CLI's defaults are the dataclasses', a
+"""The trainer's and the methods' options are declared once (options.py): the CLI's defaults are the dataclasses', a
 partial Namespace reads the rest from them, and no source file repeats a default in a getattr."""
 import argparse
 import dataclasses
@@ -9,10 +9,10 @@ import pytest
 
 from effkernels.models.cli import train as train_mod
 from effkernels.models.methods import act, ct, erw, maskdit, repa, sra, tread
-from effkernels.models.methods.options import add_options, opt, read_options
+from effkernels.models.options import TrainOptions, add_options, opt, read_options
 
 OPTIONS = [act.ACTOptions, ct.CTOptions, erw.ERWOptions, maskdit.MaskDiTOptions, repa.REPAOptions, sra.SRAOptions,
-           tread.TREADOptions]
+           tread.TREADOptions, TrainOptions]
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python", "models")
 
 
@@ -52,3 +52,9 @@ def test_bad_declarations_are_errors():
 
     with pytest.raises(TypeError, match="type="):
         add_options(argparse.ArgumentParser().add_argument_group("g"), NoType)
+
+
+def test_every_train_flag_is_declared_in_a_dataclass():
+    parsed = vars(train_mod.build_parser().parse_args([]))
+    declared = {f.name for cls in OPTIONS for f in dataclasses.fields(cls)}
+    assert set(parsed) - declared == {"preset", "list_methods"}

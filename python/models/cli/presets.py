@@ -154,10 +154,10 @@ def overrides(args: argparse.Namespace, installed: dict) -> dict:
 
 
 def missing_requirements(preset: Preset | None, args: argparse.Namespace) -> list[str]:
-    """The preset's required options that `args` leaves unset, each as "--flag VALUE (what it is)". None
+    """The preset's required options that `args` (effkernels-train's, method resolved) leaves unset, each as "--flag VALUE (what it is)". None
     while the run does not use the preset's method (a flag chose another), or the option that needs it
     was changed by a flag."""
-    if preset is None or (preset.method and preset.method not in str(getattr(args, "method", "")).split("+")):
+    if preset is None or (preset.method and preset.method not in args.method.split("+")):
         return []
     out = []
     for dest, what, *when in preset.requires:

@@ -11,7 +11,6 @@ import sys
 import torch
 
 import effkernels
-from effkernels.backends import BACKENDS
 
 from .. import ddp
 from ..backbone.configs import CONFIGS
@@ -19,65 +18,18 @@ from ..backbone.network import DiT
 from ..checkpoint import CheckpointError
 from ..data.sources import DataError
 from ..methods import METHODS, ConfigError, add_method_args, parse_spec
-from ..train.batches import SHUFFLES
+from ..options import TrainOptions, add_options
 from ..train.trainer import Trainer
 from .args import check_backend_arg
 from .presets import add_preset_arg, announce, apply_preset, missing_requirements
 
 
-def parse_betas(text: str) -> tuple[float, float]:
-    """'B1,B2' -> (B1, B2), each in [0, 1) (argparse type of --adam-betas)."""
-    try:
-        b = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        b = ()
-    if len(b) != 2 or not all(0.0 <= v < 1.0 for v in b):
-        raise argparse.ArgumentTypeError(f"expected two numbers in [0, 1) as B1,B2 (e.g. 0,0.99), got {text!r}")
-    return b
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="effkernels-train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", default=None,
-                   help="training method, or several joined by '+' (e.g. tread+repa); see --list-methods "
-                        "(default: dit, DiT's DDPM objective, for DiT-* models, else sit)")
-    p.add_argument("--model", default="tiny/2", help="backbone config name, e.g. tiny/2, SiT-B/2")
-    p.add_argument("--data", default="digits",
-                   help="'digits', an image folder, a .npz/.npy latent file, or a fast-DiT (features/ + labels/) "
-                        "or REPA (vae-sd/ [+ images/]) latent folder, read per sample")
-    p.add_argument("--shuffle", default="replacement", choices=SHUFFLES,
-                   help="batches drawn with replacement, or a permutation each epoch (the official loaders)")
-    p.add_argument("--hflip", action="store_true", help="mirror each sample with p = 1/2 (DiT's horizontal flip)")
-    p.add_argument("--data-workers", type=int, default=4,
-                   help="processes reading latent folders (0: read in the training process)")
+    add_options(p, TrainOptions)
     add_preset_arg(p)
-    p.add_argument("--out", default="runs/digits", help="output folder (checkpoints, logs, grids, curves)")
-    p.add_argument("--steps", type=int, default=1000, help="total optimizer steps (a resumed run continues to it)")
-    p.add_argument("--batch-size", type=int, default=64, help="global batch, split over processes")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--adam-betas", type=parse_betas, default=None, metavar="B1,B2",
-                   help="the generator AdamW's betas; default (0.9, 0.999), or what the method needs (ct, act: "
-                        "0,0.99 as ACT's release); applied also after a resume")
-    p.add_argument("--warmup", type=int, default=100, help="linear lr warm-up steps (0: none)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay (with warm-up, see --ema-no-warmup)")
-    p.add_argument("--ema-no-warmup", action="store_true", help="constant EMA decay from step 0")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' for <out>/last.pt if present")
-    p.add_argument("--eval-every", type=int, default=250, help="steps between evaluations (0: never)")
-    p.add_argument("--eval-samples", type=int, default=500)
-    p.add_argument("--eval-steps", type=int, default=10, help="Heun steps of the evaluation sampler")
-    p.add_argument("--ckpt-every", type=int, default=250, help="steps between checkpoints (0: only at the end)")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per block")
-    p.add_argument("--backend", default="auto", choices=BACKENDS)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--model-kwargs", default="{}", help="JSON dict of backbone overrides, e.g. '{\"depth\": 4}'")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--list-methods", action="store_true")
+    p.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
     add_method_args(p)
     return p
 

@@ -43,7 +43,7 @@ from .. import ddp
 from ..backbone.network import TimestepEmbedder
 from .base import AuxModule, ConfigError
 from .ct import CT
-from .options import add_options, opt, read_options
+from ..options import add_options, opt, read_options
 from .registry import register_method
 
 

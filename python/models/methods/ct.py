@@ -36,7 +36,7 @@ import torch
 from ..metrics.lpips_distance import LPIPSDistance
 from ..objectives.prediction import mean_prediction
 from .base import ConfigError, Method, draw_label_dropout
-from .options import add_options, opt, read_options
+from ..options import TrainOptions, add_options, opt, read_options
 from .registry import register_method
 
 NOISE_COND = {"cm": lambda s: 250.0 * torch.log(s), "raw": lambda s: s, "ect": lambda s: torch.log(s) / 4}
@@ -123,7 +123,7 @@ class CT(Method):
                 raise ConfigError(f"{flag} must be one of {ok}, got {v!r}")
         if not (self.p_std > 0 and math.isfinite(self.p_std) and math.isfinite(self.p_mean)):
             raise ConfigError(f"need a finite --ct-p-mean and --ct-p-std > 0, got {self.p_mean}, {self.p_std}")
-        total = o.ct_total_steps or getattr(args, "steps", None)
+        total = o.ct_total_steps or read_options(TrainOptions, args).steps
         if not total:
             raise ConfigError("ct's N(k) schedule needs its length: --ct-total-steps, or the trainer's --steps")
         self.total_steps = int(total)

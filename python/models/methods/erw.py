@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import ConfigError
-from .options import add_options, opt, read_options
+from ..options import TrainOptions, add_options, opt, read_options
 from .registry import register_method
 from .repa import REPA, REPAOptions
 
@@ -67,7 +67,7 @@ class ERW(REPA):
             raise ConfigError(f"--erw-region must lie in [1, {model.depth - 1}], got {self.region}")
         if self.half_life <= 0 or self.c0 < 0:
             raise ConfigError(f"--erw-half-life must be > 0 and --erw-c0 >= 0, got {self.half_life}, {self.c0}")
-        self.seed = int(getattr(args, "seed", 0) or 0)
+        self.seed = read_options(TrainOptions, args).seed
         self.transitioned = self.warmup_steps == 0
 
     def weight_at(self, step: int) -> float:

@@ -42,7 +42,7 @@ from ..objectives.flow import interpolate, velocity_target
 from ..objectives.prediction import mean_prediction
 from ..sampling.samplers import sample
 from .base import ConfigError, Method, draw_label_dropout
-from .options import add_options, opt, read_options
+from ..options import add_options, opt, read_options
 from .registry import register_method
 from .tread import parse_ratio_range
 

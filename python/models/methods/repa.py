@@ -35,7 +35,7 @@ from effkernels.nn.routing import TokenPack
 
 from . import encoders as enc
 from .base import ConfigError, Method
-from .options import add_options, opt, read_options
+from ..options import TrainOptions, add_options, opt, read_options
 from .registry import register_method
 
 # REPA's depths (its paper): k = 4 for B (depth 12), 8 for L/XL (depth 24/28). S shares B's depth
@@ -146,7 +146,7 @@ class REPA(Method):
 
         if encoders is None:
             specs = o.repa_encoder or ["dae"]
-            data = getattr(args, "data", None)
+            data = read_options(TrainOptions, args).data
             built = []
             for s in specs:
                 try:

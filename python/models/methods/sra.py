@@ -41,7 +41,7 @@ from effkernels.nn.routing import TokenPack
 from ..objectives.ddpm import GaussianDiffusion
 from ..objectives.flow import interpolate
 from .base import ConfigError, Method, draw_label_dropout
-from .options import add_options, opt, read_options
+from ..options import add_options, opt, read_options
 from .registry import register_method
 
 # (student depth, teacher depth) by model depth, from the authors' scripts: B (12) 3 -> 8 (their

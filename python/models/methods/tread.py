@@ -34,7 +34,7 @@ from ..backbone.network import Route
 from ..objectives.prediction import mean_prediction, model_output
 from ..sampling.samplers import sample
 from .base import ConfigError, Method
-from .options import add_options, opt, read_options
+from ..options import add_options, opt, read_options
 from .registry import register_method
 
 

@@ -9,8 +9,7 @@ import functools
 import torch
 
 from ..data.arrays import DataError
-
-SHUFFLES = ("replacement", "epoch")
+from ..options import SHUFFLES
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
