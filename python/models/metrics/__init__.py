@@ -1,1 +1,1 @@
-"""Sample-quality metrics: the Frechet distance (frechet.py), the data-trained classifier's FD and accuracy (classifier.py), Inception's FID/sFID/IS/precision-recall (inception.py), LPIPS (lpips_distance.py)."""
+"""Sample-quality metrics: the Frechet distance (frechet.py), the data-trained classifier's FD and accuracy (classifier.py), Inception's FID/sFID/IS/precision-recall (inception.py), LPIPS (lpips_distance.py); reading a feature network file (files.py)."""

@@ -9,13 +9,13 @@ a torch.export archive (.pt2) or a TorchScript file, loaded without unpickling a
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..cache import cache_dir, load_or_fit
+from .files import check_file, load_torchscript
 from .frechet import frechet_distance, gaussian_stats
 
 _CLASSIFIER_VERSION = "v3"  # bump when the architecture or training recipe changes: invalidates caches
@@ -156,17 +156,9 @@ class FeatureNet(nn.Module):
 def load_feature_net(path: str, input_size: int | None = None, channels: int | None = None) -> FeatureNet:
     """A feature network from a local .pt2 (torch.export.save, exported with a dynamic batch dimension)
     or TorchScript (torch.jit.save) file. Neither format unpickles arbitrary Python objects."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"feature network file {path!r} does not exist")
+    check_file(path, "feature network file")
     try:
-        if path.endswith(".pt2"):
-            module = torch.export.load(path).module()
-        else:
-            # TorchScript is deprecated in torch but is how common FID Inception weights ship
-            # (e.g. the ADM/clean-fid inception-2015-12-05.pt), so it stays supported here.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                module = torch.jit.load(path, map_location="cpu")
+        module = torch.export.load(path).module() if path.endswith(".pt2") else load_torchscript(path)
     except Exception as e:
         raise ValueError(f"feature network file {path!r} is neither a torch.export (.pt2) nor a TorchScript "
                          f"archive ({type(e).__name__}: {str(e)[:200]})") from e

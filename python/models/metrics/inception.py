@@ -34,13 +34,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .files import check_file, load_torchscript
 from .frechet import frechet_distance, gaussian_stats
 
 SPATIAL_CHANNELS = 7  # ADM's sFID keeps the first 7 channels of mixed_6/conv
@@ -147,9 +147,8 @@ class _NVlabsScript(nn.Module):
 def load_inception(path: str, resize: int = 299) -> nn.Module:
     """The FID Inception from a local state dict (.pth/.pt in torchvision/pytorch-fid naming) or a
     TorchScript archive. Never downloads. Keys that do not fit are an error naming them."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Inception weights file {path!r} does not exist (nothing is downloaded: get "
-                                "pytorch-fid's pt_inception-2015-12-05-6726825d.pth and give its path)")
+    check_file(path, "Inception weights file", " (nothing is downloaded: get pytorch-fid's "
+               "pt_inception-2015-12-05-6726825d.pth and give its path)")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - any unpickling failure: try the file as TorchScript below
@@ -173,9 +172,7 @@ def load_inception(path: str, resize: int = 299) -> nn.Module:
             raise ValueError(f"Inception weights file {path!r}: {str(e)[:400]}") from e
         return net.eval().requires_grad_(False)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            m = torch.jit.load(path, map_location="cpu")
+        m = load_torchscript(path)
     except Exception as e:
         raise ValueError(f"Inception file {path!r} is neither a state dict nor a TorchScript archive "
                          f"({type(e).__name__}: {str(e)[:200]})") from e
