@@ -57,7 +57,8 @@ def test_infer_config_reads_shapes():
     sd = OfficialStyleDiT(**SMALL).state_dict()
     cfg = infer_config(sd)
     assert cfg == dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=3, mlp_ratio=4.0,
-                       num_classes=7, class_dropout_prob=0.1, learn_sigma=True, qk_norm=False)
+                       num_classes=7, class_dropout_prob=0.1, learn_sigma=True, qk_norm=False,
+                       norm="layernorm", mlp="gelu", pos="sincos")
 
 
 def test_repa_checkpoint_with_projectors_and_wrappers(seed, tmp_path):

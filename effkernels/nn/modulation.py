@@ -83,3 +83,45 @@ class GatedResidualModulatedLayerNorm(ModulatedLayerNorm):
         x, y, gate, shift, scale = (unit_last(t) for t in (x, y, gate, shift, scale))
         return ops.gated_residual_modulate_layernorm(x, y, gate, shift, scale, self.eps, self.weight,
                                                      self.bias, backend=self.backend)
+
+
+class ModulatedRMSNorm(nn.Module):
+    """RMSNorm(x) * (1 + scale) + shift, ModulatedLayerNorm's RMSNorm twin (LightningDiT's norms).
+
+    RMSNorm(x) = x / sqrt(mean(x^2) + eps) * weight, weight (D,) learned (ones at init) unless
+    elementwise_affine=False. Shapes and dtypes as ModulatedLayerNorm.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = True, *,
+                 backend: str | None = None):
+        super().__init__()
+        self.dim = check_positive_int("dim", dim)
+        self.eps = check_positive_float("eps", eps)
+        if not isinstance(elementwise_affine, bool):
+            raise TypeError(f"elementwise_affine must be a bool, got {type(elementwise_affine).__name__}")
+        self.elementwise_affine = elementwise_affine
+        self.backend = check_backend(backend)
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(dim))
+        else:
+            self.register_parameter("weight", None)
+
+    _check_dim = ModulatedLayerNorm._check_dim
+    extra_repr = ModulatedLayerNorm.extra_repr
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        self._check_dim(x)
+        x, shift, scale = unit_last(x), unit_last(shift), unit_last(scale)
+        return ops.rmsnorm_modulate(x, shift, scale, self.eps, self.weight, backend=self.backend)
+
+
+class GatedResidualModulatedRMSNorm(ModulatedRMSNorm):
+    """GatedResidualModulatedLayerNorm's RMSNorm twin: h = x + gate * y, out = RMSNorm(h) * (1 + scale)
+    + shift, in one pass. forward(x, y, gate, shift, scale) -> (h, out)."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_dim(x)
+        x, y, gate, shift, scale = (unit_last(t) for t in (x, y, gate, shift, scale))
+        return ops.gated_residual_rmsnorm_modulate(x, y, gate, shift, scale, self.eps, self.weight,
+                                                   backend=self.backend)

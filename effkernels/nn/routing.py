@@ -130,7 +130,7 @@ class TokenPack:
         return self.rows.shape[0]
 
     @classmethod
-    def _build(cls, rows: torch.Tensor, counts: list[int], num_tokens: int) -> "TokenPack":
+    def _build(cls, rows: torch.Tensor, counts: list[int], num_tokens: int) -> TokenPack:
         dev = rows.device
         c = torch.tensor(counts, dtype=torch.int64)
         cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
@@ -140,7 +140,7 @@ class TokenPack:
 
     @classmethod
     def draw(cls, counts, num_tokens: int, *, generator: torch.Generator | None = None, device=None,
-             sort: bool = True) -> "TokenPack":
+             sort: bool = True) -> TokenPack:
         """counts[b] distinct positions of [0, num_tokens) per sample, uniform without replacement.
 
         One random permutation per sample (argsort of uniform noise, the draw effkernels.ops.draw_route
@@ -164,7 +164,7 @@ class TokenPack:
         return cls._build(rows, counts, N)
 
     @classmethod
-    def from_indices(cls, indices, num_tokens: int) -> "TokenPack":
+    def from_indices(cls, indices, num_tokens: int) -> TokenPack:
         """A pack from one 1-D index per sample (positions in [0, num_tokens), distinct), checked."""
         rows, counts = [], []
         for b, idx in enumerate(indices):

@@ -1,10 +1,22 @@
-"""Named backbone configs: DiT-{S,B,L,XL}/{2,4,8}, SiT-*/*, tiny/{1,2,4} (the CPU digits models), and build(name)."""
+"""Named backbone configs and build(name).
+
+DiT-{S,B,L,XL}/{2,4,8} and SiT-*/*: DiT's backbone (LayerNorm, GELU MLP, sin-cos positions).
+LightningDiT-{B,L,XL,1p0B,1p6B}/{1,2}: LightningDiT's (hustvl/LightningDiT) published widths, depths
+and heads with its release's block (RMSNorm with a learned weight, SwiGLU MLP of hidden
+int(2/3 * 4D), 2-D axial RoPE on q and k beside the fixed sin-cos embedding, no QK-norm).
+tiny/{1,2,4} and LightningDiT-tiny/{1,2,4}: the CPU models for the 8x8x1 digits data set.
+"""
 from __future__ import annotations
 
 from .network import DiT
 
 # size -> (depth, hidden_size, num_heads)
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+# LightningDiT size -> (depth, hidden_size, num_heads); its release's block options.
+LIGHTNING_SIZES = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16), "1p0B": (24, 1536, 24),
+                   "1p6B": (28, 1792, 28)}
+LIGHTNING = dict(norm="rmsnorm", mlp="swiglu", pos="sincos+rope2d", qk_norm=False)
 
 # Tiny CPU models for the 8x8x1 digits data set.
 TINY = dict(input_size=8, in_channels=1, num_classes=10, hidden_size=64, depth=6, num_heads=4)
@@ -28,6 +40,12 @@ for _p in (1, 2, 4):
     CONFIGS[f"tiny/{_p}"] = _config(TINY["depth"], TINY["hidden_size"], TINY["num_heads"], _p,
                                     input_size=TINY["input_size"], in_channels=TINY["in_channels"],
                                     num_classes=TINY["num_classes"])
+    CONFIGS[f"LightningDiT-tiny/{_p}"] = _config(TINY["depth"], TINY["hidden_size"], TINY["num_heads"], _p,
+                                                 input_size=TINY["input_size"], in_channels=TINY["in_channels"],
+                                                 num_classes=TINY["num_classes"], **LIGHTNING)
+for _size, (_depth, _width, _heads) in LIGHTNING_SIZES.items():
+    for _p in (1, 2):
+        CONFIGS[f"LightningDiT-{_size}/{_p}"] = _config(_depth, _width, _heads, _p, **LIGHTNING)
 
 
 def build(name: str, **overrides) -> DiT:

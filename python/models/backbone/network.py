@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from effkernels import ops
-from effkernels.nn import DiTBlock, ModulatedLayerNorm
+from effkernels.nn import DiTBlock, ModulatedLayerNorm, ModulatedRMSNorm
 from effkernels.nn._common import check_backend, check_positive_int, check_ratio
 from effkernels.nn.routing import TokenPack, keep_count
 
@@ -120,11 +120,13 @@ class LabelEmbedder(nn.Module):
 #################################################################################
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm then Linear to patch pixels: (B, N, D) -> (B, N, p*p*C_out)."""
+    """adaLN-modulated LayerNorm (or RMSNorm, norm="rmsnorm") then Linear to patch pixels: (B, N, D) -> (B, N, p*p*C_out)."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, backend: str | None = None):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, norm: str = "layernorm",
+                 backend: str | None = None):
         super().__init__()
-        self.norm_final = ModulatedLayerNorm(hidden_size, eps=1e-6, backend=backend)
+        self.norm_final = (ModulatedLayerNorm(hidden_size, eps=1e-6, backend=backend) if norm == "layernorm"
+                           else ModulatedRMSNorm(hidden_size, eps=1e-6, backend=backend))
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
@@ -148,6 +150,11 @@ def modulated_linear(x: torch.Tensor, c: torch.Tensor, modulation, norm, linear,
 #################################################################################
 #                                 Core DiT model                                #
 #################################################################################
+
+# "sincos": DiT's fixed absolute embedding added to the tokens; "rope2d": 2-D axial rotary q/k in every
+# block, no absolute embedding (DDT); "sincos+rope2d": both, as LightningDiT's release.
+POSITIONS = ("sincos", "rope2d", "sincos+rope2d")
+
 
 def _basic_init(module):
     if isinstance(module, nn.Linear):
@@ -173,6 +180,21 @@ def restore(full: torch.Tensor, h: torch.Tensor, sel, backend: str | None) -> to
     if isinstance(sel, TokenPack):
         return sel.scatter(full, h, backend=backend)
     return ops.route_scatter(full, h, sel, backend=backend, check_idx=False)
+
+
+def select_positions(pos: torch.Tensor | None, sel) -> torch.Tensor | None:
+    """The (row, column) positions of the tokens select(h, sel) keeps, gathered with the same index:
+    pos (N, 2) shared or (B, N, 2) -> (B, K, 2) for a (B, K) index, (T, 2) for a TokenPack; None
+    (no rotary embedding) stays None."""
+    if pos is None or sel is None:
+        return pos
+    if isinstance(sel, TokenPack):
+        if pos.dim() == 2:
+            return pos.index_select(0, sel.rows % sel.num_tokens)  # rows are b * N + n
+        return pos.reshape(-1, 2).index_select(0, sel.rows)
+    if pos.dim() == 2:
+        return pos[sel]  # (B, K, 2)
+    return torch.gather(pos, 1, sel.unsqueeze(-1).expand(-1, -1, 2))
 
 
 def pack_of(sel) -> TokenPack | None:
@@ -217,7 +239,7 @@ class Route:
         return keep_count(num_tokens, self.ratio)
 
     def draw(self, batch: int, num_tokens: int, *, generator: torch.Generator | None = None,
-             device: torch.device | str | None = None) -> "Route":
+             device: torch.device | str | None = None) -> Route:
         """This route with a fresh sorted keep index (batch, K) int64 drawn from `generator`."""
         idx = ops.draw_route(batch, num_tokens, self.keep(num_tokens), generator=generator, device=device)
         return replace(self, idx=idx)
@@ -231,8 +253,8 @@ class DiT(nn.Module):
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 num_classes: int = 1000, learn_sigma: bool = False, qk_norm: bool = False,
-                 backend: str | None = None):
+                 num_classes: int = 1000, learn_sigma: bool = False, qk_norm: bool | str = False,
+                 norm: str = "layernorm", mlp: str = "gelu", pos: str = "sincos", backend: str | None = None):
         super().__init__()
         for name, v in (("input_size", input_size), ("patch_size", patch_size), ("in_channels", in_channels),
                         ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads),
@@ -240,7 +262,9 @@ class DiT(nn.Module):
             check_positive_int(name, v)
         if input_size % patch_size:
             raise ValueError(f"patch_size={patch_size} must divide input_size={input_size}")
-        if hidden_size % 4:
+        if pos not in POSITIONS:
+            raise ValueError(f"pos must be one of {POSITIONS}, got {pos!r}")
+        if "sincos" in pos and hidden_size % 4:
             raise ValueError(f"hidden_size must be a multiple of 4 for the 2-D sin-cos embedding, got {hidden_size}")
         check_ratio("class_dropout_prob", class_dropout_prob)
         if not isinstance(learn_sigma, bool):
@@ -249,21 +273,34 @@ class DiT(nn.Module):
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.hidden_size, self.depth, self.num_heads, self.num_classes = hidden_size, depth, num_heads, num_classes
         self.learn_sigma = learn_sigma
-        self.qk_norm = bool(qk_norm)  # REPA's --qk-norm: per-head LayerNorm of q and k in every block
+        # qk_norm: REPA's --qk-norm (True: per-head LayerNorm of q and k) or LightningDiT's "rmsnorm"
+        self.qk_norm, self.norm_kind, self.mlp_kind, self.pos_kind = qk_norm, norm, mlp, pos
+        self.mlp_ratio = mlp_ratio
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         grid = self.x_embedder.grid_size
-        # Fixed, not learned; persistent so official checkpoints (which store it) load strictly.
-        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(hidden_size, grid).unsqueeze(0))  # (1, N, D)
+        if "sincos" in pos:
+            # Fixed, not learned; persistent so official checkpoints (which store it) load strictly.
+            self.register_buffer("pos_embed", get_2d_sincos_pos_embed(hidden_size, grid).unsqueeze(0))  # (1, N, D)
+        else:  # rope2d alone: positions enter only through the rotary q/k of every block
+            self.pos_embed = None
+        # (N, 2) int64 grid positions, the rotary op's input; they travel with the tokens a plan selects
+        self.register_buffer("token_pos", ops.grid_positions(grid, grid), persistent=False)
         self.blocks = nn.ModuleList([
-            DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, backend=backend)
+            DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, norm=norm, mlp=mlp,
+                     rope=self.uses_rope, backend=backend)
             for _ in range(depth)
         ])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, backend=backend)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=norm, backend=backend)
         self.initialize_weights()
+
+    @property
+    def uses_rope(self) -> bool:
+        """Whether the blocks rotate q and k by the tokens' grid positions (pos "rope2d" or "sincos+rope2d")."""
+        return "rope2d" in self.pos_kind
 
     @property
     def num_patches(self) -> int:
@@ -322,7 +359,9 @@ class DiT(nn.Module):
               force_drop_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens with positions (B, N, D) and the conditioning vector c (B, D)."""
         B = x.shape[0]
-        tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        tokens = self.x_embedder(x)  # (B, N, D)
+        if self.pos_embed is not None:
+            tokens = tokens + self.pos_embed
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0:
             t = t.expand(B)
@@ -376,7 +415,7 @@ class DiT(nn.Module):
         """
         _, _, routes = self._check_plan((), None, routes)
         n = self.num_patches if num_tokens is None else num_tokens
-        device = self.pos_embed.device if device is None else device
+        device = self.token_pos.device if device is None else device
         return [r.draw(batch, n, generator=generator, device=device) for r in routes]
 
     def _route_indices(self, routes, batch, num_tokens, device, generator):
@@ -434,20 +473,21 @@ class DiT(nn.Module):
         be = self.backend
         h, c = self.embed(x, t, y, force_drop_ids)  # (B, N, D), (B, D)
         keep = self._check_keep(keep_idx, routes, h)  # None, (B, K) or a TokenPack
-        h = select(h, keep, be)  # (B, K, D), or the pack's rows (T, D)
+        pos = self.token_pos if self.uses_rope else None  # (N, 2): the rotary positions, if any
+        h, pos = select(h, keep, be), select_positions(pos, keep)  # (B, K, D) or the pack's rows (T, D)
         spans = self._route_indices(routes, h.shape[0], h.shape[1], h.device, generator)  # {start: (end, sel)}
-        outer = None  # inside a route: (the sequence before it, the route's selection, its last block)
+        outer = None  # inside a route: (the sequence before it, the route's selection, its last block, positions)
         hidden = {}
         for d, block in enumerate(self.blocks, start=1):
             if d > last:  # stop_at
                 break
             if d in spans:
                 end, sel = spans[d]
-                outer = (h, sel, end)
-                h = select(h, sel, be)  # (B, K', D) or (T, D)
-            h = block(h, c, pack_of(outer[1] if outer else keep))  # same shape
+                outer = (h, sel, end, pos)
+                h, pos = select(h, sel, be), select_positions(pos, sel)  # (B, K', D) or (T, D)
+            h = block(h, c, pack_of(outer[1] if outer else keep), pos)  # same shape
             if outer is not None and d == outer[2]:
-                h, outer = restore(outer[0], h, outer[1], be), None
+                h, pos, outer = restore(outer[0], h, outer[1], be), outer[3], None
             if d in want:
                 hidden[d] = h if outer is None else restore(outer[0], h, outer[1], be)
         if stop_at is not None:

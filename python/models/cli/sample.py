@@ -15,7 +15,7 @@ from effkernels.backends import BACKENDS
 
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..data.vae import VAEError, decode_latents, load_vae, save_pngs, to_uint8_nhwc
-from ..interop.official import load_official
+from ..interop.official import FLAVORS, load_official
 from ..methods import ConfigError, Method
 from ..objectives.prediction import predicts_noise
 from ..sampling.images import save_grid
@@ -30,11 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="effkernels-sample",
         description="Sample a PNG grid and an .npz (images, labels) from a checkpoint's EMA weights.")
     p.add_argument("--ckpt", required=True,
-                   help="checkpoint written by effkernels-train, or an official DiT/SiT/REPA one with --official")
+                   help="checkpoint written by effkernels-train, or an official DiT/SiT/REPA/LightningDiT one with --official")
     p.add_argument("--official", default=None, metavar="CONFIG",
-                   help="--ckpt is an official checkpoint of this config (DiT-XL/2, SiT-XL/2: SiT's time and "
-                        "learned sigma adapted; REPA recognised by its keys), loaded with load_official")
-    p.add_argument("--flavor", default=None, choices=("dit", "sit", "repa"),
+                   help="--ckpt is an official checkpoint of this config (DiT-XL/2, SiT-XL/2, LightningDiT-XL/1: SiT's "
+                        "time and learned sigma adapted; REPA recognised by its keys), loaded with load_official")
+    p.add_argument("--flavor", default=None, choices=FLAVORS,
                    help="with --official: what the checkpoint is, when its name and keys do not say")
     p.add_argument("--num-classes", type=int, default=None,
                    help="with --official: labels cycle over this many classes (default: the checkpoint's)")

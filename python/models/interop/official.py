@@ -1,6 +1,6 @@
-"""Interop with the official DiT / SiT / REPA code: load their checkpoints, patch their models.
+"""Interop with the official DiT / SiT / REPA / LightningDiT code: load their checkpoints, patch their models.
 
-load_official(source, model)    official state dict (DiT, SiT, REPA layouts) -> our backbone, strictly
+load_official(source, model)    official state dict (DiT, SiT, REPA, LightningDiT layouts) -> our backbone, strictly
 apply_effkernels(model)         swap effkernels' fused ops into an existing DiT-style model, in place
 
 Key names. Our backbone uses the official names (x_embedder.proj.*, t_embedder.mlp.{0,2}.*,
@@ -18,14 +18,21 @@ Layouts that load (anything else is an error naming the keys it does not know):
   REPA legacy          decoder_blocks.j.* for the blocks after the encoder's (generate.py --legacy):
                        renamed to blocks.(encoder_depth + j).*, encoder_depth = the blocks.* present
                        unless given
+  LightningDiT         hustvl/LightningDiT's (train.py's "ema"): RMSNorm weights blocks.i.norm{1,2}.weight
+                       and final_layer.norm_final.weight, SwiGLU blocks.i.mlp.{w12,w3}.*, its RoPE
+                       tables feat_rope.freqs_{cos,sin} (checked against ours, then dropped: ours are
+                       computed), and optionally blocks.i.attn.{q,k}_norm.weight (RMSNorm QK-norm).
+                       The backbone is built with norm="rmsnorm" / mlp="swiglu" / pos="sincos+rope2d"
+                       as the keys say (pos_embed and feat_rope both present: both positions).
 
 What a load means (`flavor`, recorded as `model.interop`, an Interop): "sit" (the default for a
 "SiT-*" name without REPA keys): SiT's time runs the other way (t = 0 noise, t = 1 data, v = data -
 noise), so the model's forward becomes v(x, t) = -sit(x, 1 - t, y) with the learned-sigma half
 dropped (SiTTimeAdapter), and samplers, FlowMatching and the methods all see our convention (t = 0
-data, v = noise - data). "repa" (REPA keys present): REPA trains in our convention already; nothing
+data, v = noise - data). "lightningdit" (the default for a "LightningDiT-*" name): SiT's transport,
+so adapted as "sit". "repa" (REPA keys present): REPA trains in our convention already; nothing
 changes. "dit" (a "DiT-*" name): the network predicts DDPM noise with a learned-range variance at
-integer steps 0..999; sample() then uses DDPM/DDIM (effkernels.models.objectives.ddpm). DiT and SiT guide
+integer steps 0..999; sample() then uses DDPM/DDIM (effkernels.models.objectives.ddpm). DiT, SiT and LightningDiT guide
 only the first 3 channels in CFG (their forward_with_cfg), REPA guides all: `interop.guided_channels`
 (3 or None) is what sample(guided_channels="auto") follows.
 """
@@ -42,8 +49,9 @@ from torch import nn
 
 from effkernels.nn import AlignmentHead
 from effkernels.nn._common import check_backend
+from effkernels.reference.rope import grid_positions, rope2d_angles
 
-from ..backbone.configs import SIZES, build
+from ..backbone.configs import LIGHTNING_SIZES, SIZES, build
 from ..backbone.network import DiT
 
 _WRAPPER_KEYS = ("ema", "model", "state_dict", "module")
@@ -53,11 +61,14 @@ _LEGACY = re.compile(r"^decoder_blocks\.(\d+)\.(.+)$")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _KNOWN = re.compile(
     r"^(?:x_embedder\.proj|t_embedder\.mlp\.[02]|final_layer\.(?:linear|adaLN_modulation\.1)"
-    r"|blocks\.\d+\.(?:attn\.(?:qkv|proj|q_norm|k_norm)|mlp\.fc[12]|adaLN_modulation\.1))\.(?:weight|bias)$"
+    r"|blocks\.\d+\.(?:attn\.(?:qkv|proj|q_norm|k_norm)|mlp\.(?:fc[12]|w12|w3)|adaLN_modulation\.1))\.(?:weight|bias)$"
+    r"|^(?:blocks\.\d+\.norm[12]|final_layer\.norm_final)\.weight$"
     r"|^y_embedder\.embedding_table\.weight$|^pos_embed$")
+_ROPE_TABLES = ("feat_rope.freqs_cos", "feat_rope.freqs_sin")
 LAYOUTS = ("DiT/SiT official", "REPA (projectors.*)", "REPA --qk-norm (blocks.i.attn.{q,k}_norm.{weight,bias})",
-           "REPA legacy (decoder_blocks.j.* after the encoder's blocks.*)")
-FLAVORS = ("dit", "sit", "repa")
+           "REPA legacy (decoder_blocks.j.* after the encoder's blocks.*)",
+           "LightningDiT (RMSNorm norm*.weight, SwiGLU mlp.{w12,w3}, feat_rope.freqs_{cos,sin})")
+FLAVORS = ("dit", "sit", "repa", "lightningdit")
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,9 @@ class Interop:
 def _interop(flavor: str, layout: str, learn_sigma: bool) -> Interop:
     if flavor == "dit":
         return Interop("dit", "eps", "DDPM steps 0..999 (0 = least noise)", 3, layout)
+    if flavor == "lightningdit":
+        return Interop("lightningdit", "velocity", "SiT's (LightningDiT's transport): t = 0 noise, t = 1 data, "
+                       "v = data - noise; adapted: v(x, t) = -net(x, 1 - t, y)", 3, layout, sigma_dropped=learn_sigma)
     if flavor == "sit":
         return Interop("sit", "velocity", "SiT: t = 0 noise, t = 1 data, v = data - noise; adapted: "
                        "v(x, t) = -sit(x, 1 - t, y)", 3, layout, sigma_dropped=learn_sigma)
@@ -115,7 +129,7 @@ def normalize_layout(sd: Mapping[str, torch.Tensor], *, encoder_depth: int | Non
     """(backbone keys in our layout, the layout's name): REPA's legacy decoder_blocks renamed; keys
     of no known layout are an error that names them."""
     legacy = {int(m.group(1)): None for k in sd if (m := _LEGACY.match(k))}
-    out, layout = dict(sd), LAYOUTS[0]
+    out, layout = {k: v for k, v in sd.items() if k not in _ROPE_TABLES}, LAYOUTS[0]
     if legacy:
         if encoder_depth is None:
             encoder_depth = 1 + max((int(m.group(1)) for k in sd if (m := _BLOCK.match(k))), default=-1)
@@ -133,9 +147,36 @@ def normalize_layout(sd: Mapping[str, torch.Tensor], *, encoder_depth: int | Non
     if unknown:
         raise ValueError(f"{what} has keys of no layout that loads: {unknown[:10]}"
                          f"{' ...' if len(unknown) > 10 else ''}; layouts that load: {'; '.join(LAYOUTS)}")
-    if any(".attn.q_norm." in k or ".attn.k_norm." in k for k in out) and not legacy:
+    if _is_lightningdit(sd):
+        layout = LAYOUTS[4]
+    elif any(".attn.q_norm." in k or ".attn.k_norm." in k for k in out) and not legacy:
         layout = LAYOUTS[2]
     return out, layout
+
+
+def _is_lightningdit(sd: Mapping[str, torch.Tensor]) -> bool:
+    return any(k in sd for k in _ROPE_TABLES) or "blocks.0.norm1.weight" in sd or "blocks.0.mlp.w12.weight" in sd
+
+
+def check_rope_tables(sd: Mapping[str, torch.Tensor], model: DiT, what: str) -> None:
+    """A LightningDiT checkpoint's stored RoPE tables (feat_rope.freqs_{cos,sin}, (N, Dh), each pair's
+    angle repeated twice) must be the angles our rotary op computes for the model's grid: a
+    checkpoint trained with other frequencies or another grid is an error, not a silent mismatch."""
+    if not any(k in sd for k in _ROPE_TABLES):
+        return
+    if not model.uses_rope:
+        raise ValueError(f"{what} stores RoPE tables (feat_rope.*) but the model has pos={model.pos_kind!r}")
+    g = model.x_embedder.grid_size
+    ang = rope2d_angles(grid_positions(g, g), model.hidden_size // model.num_heads, 10000.0, torch.float64)
+    for k, fn in zip(_ROPE_TABLES, (torch.cos, torch.sin)):
+        if k not in sd:
+            raise ValueError(f"{what} has {_ROPE_TABLES[0]} or {_ROPE_TABLES[1]} but not both")
+        want = fn(ang).repeat_interleave(2, -1)
+        got = sd[k].double()
+        if got.shape != want.shape or not torch.allclose(got, want, atol=1e-5):
+            raise ValueError(f"{what}: {k} {tuple(got.shape)} is not the 2-D axial RoPE table of a {g}x{g} grid "
+                             f"with head dim {model.hidden_size // model.num_heads} and theta 10000 (ours "
+                             f"{tuple(want.shape)})")
 
 
 #################################################################################
@@ -229,10 +270,20 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> dict:
     if out not in (p * p * C, 2 * p * p * C):
         raise ValueError(f"final_layer.linear has {out} outputs; expected {p * p * C} or {2 * p * p * C}")
     rows = sd["y_embedder.embedding_table.weight"].shape[0]
-    mlp_hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * D
+    swiglu = "blocks.0.mlp.w12.weight" in sd
+    if swiglu:  # hidden = int(2/3 * int(D * ratio)): the paper's ratio 4 when it fits, else the nearest
+        hidden = sd["blocks.0.mlp.w12.weight"].shape[0] // 2
+        mlp_ratio = 4.0 if int(2 / 3 * int(D * 4.0)) == hidden else 1.5 * hidden / D
+    else:
+        mlp_ratio = (sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * D) / D
+    rms = "blocks.0.norm1.weight" in sd
+    qk = any(".attn.q_norm." in k for k in sd)
+    qk_norm = ("rmsnorm" if not any(".attn.q_norm.bias" in k for k in sd) else "layernorm") if qk and rms else qk
+    pos = "sincos+rope2d" if any(k in sd for k in _ROPE_TABLES) else "sincos"
     return dict(input_size=grid * p, patch_size=p, in_channels=C, hidden_size=D, depth=depth,
-                mlp_ratio=mlp_hidden / D, num_classes=rows - 1, class_dropout_prob=0.1,
-                learn_sigma=out == 2 * p * p * C, qk_norm=any(".attn.q_norm." in k for k in sd))
+                mlp_ratio=mlp_ratio, num_classes=rows - 1, class_dropout_prob=0.1,
+                learn_sigma=out == 2 * p * p * C, qk_norm=qk_norm, norm="rmsnorm" if rms else "layernorm",
+                mlp="swiglu" if swiglu else "gelu", pos=pos)
 
 
 def _load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
@@ -282,7 +333,9 @@ def load_official(source, model: DiT | str | None = None, *, key: str | None = N
     backbone, heads_sd = split_state_dict(sd)
     backbone, layout = normalize_layout(backbone, encoder_depth=encoder_depth, what=what)
     if flavor is None:
-        if heads_sd or layout != LAYOUTS[0]:
+        if layout == LAYOUTS[4] or isinstance(model, str) and model.startswith("LightningDiT-"):
+            flavor = "lightningdit"
+        elif heads_sd or layout != LAYOUTS[0]:
             flavor = "repa"
         elif isinstance(model, str) and model.startswith("DiT-"):
             flavor = "dit"
@@ -291,17 +344,18 @@ def load_official(source, model: DiT | str | None = None, *, key: str | None = N
     if heads_sd and layout == LAYOUTS[0]:
         layout = LAYOUTS[1]
     if model is None or isinstance(model, str):
-        cfg = infer_config(backbone)
+        cfg = infer_config({**backbone, **{k: sd[k] for k in _ROPE_TABLES if k in sd}})
         if model is None:
             width = cfg["hidden_size"]
-            n_heads = num_heads or next((h for _, (_, w, h) in SIZES.items() if w == width), None)
+            n_heads = num_heads or next((h for _, (_, w, h) in (*SIZES.items(), *LIGHTNING_SIZES.items())
+                                         if w == width), None)
             if n_heads is None:
                 raise ValueError(f"width {width} is not a standard size: pass num_heads")
             cfg["num_heads"] = n_heads
             model = DiT(**{**cfg, **overrides, "backend": backend})
         else:
             # The named config fixes the architecture; the checkpoint supplies the data-dependent sizes.
-            for k in ("hidden_size", "depth", "patch_size", "mlp_ratio"):
+            for k in ("hidden_size", "depth", "patch_size", "mlp_ratio", "norm", "mlp", "pos"):
                 cfg.pop(k)
             heads = {} if num_heads is None else {"num_heads": num_heads}
             model = build(model, **{**cfg, **heads, **overrides, "backend": backend})
@@ -309,11 +363,12 @@ def load_official(source, model: DiT | str | None = None, *, key: str | None = N
         raise TypeError(f"model must be a DiT, a config name or None, got {type(model).__name__}")
     elif overrides:
         raise ValueError(f"constructor overrides {sorted(overrides)} need model=None or a config name, not a built DiT")
+    check_rope_tables(sd, model, what)
     _load_strict(model, backbone, what)
     if flavor == "dit" and not model.learn_sigma:
         raise ValueError(f"{what}: a DiT checkpoint predicts a learned variance (2C outputs); this one has "
                          f"{model.out_channels}")
-    if flavor == "sit":
+    if flavor in ("sit", "lightningdit"):
         # same parameters and buffers, our time convention (a subclass: state_dict keys unchanged)
         model.__class__ = SiTTimeAdapter
     if flavor is not None:

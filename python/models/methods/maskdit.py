@@ -33,16 +33,16 @@ import torch
 from torch import nn
 
 from effkernels import ops
-from effkernels.nn import DiTBlock, ModulatedLayerNorm
+from effkernels.nn import DiTBlock, ModulatedLayerNorm, ModulatedRMSNorm
 from effkernels.nn.routing import TokenPack, draw_ratios
 
 from ..backbone.network import modulated_linear
 from ..backbone.positions import get_2d_sincos_pos_embed
 from ..objectives.flow import interpolate, velocity_target
 from ..objectives.prediction import mean_prediction
+from ..options import add_options, opt, read_options
 from ..sampling.samplers import sample
 from .base import ConfigError, Method, draw_label_dropout
-from ..options import add_options, opt, read_options
 from .registry import register_method
 from .tread import parse_ratio_range
 
@@ -51,13 +51,14 @@ PAPER_DECODER_FROM_WIDTH = 384
 
 
 class AdaLNLinear(nn.Module):
-    """LayerNorm (no affine) modulated by c, then a Linear; zero-initialised so it starts at 0.
-    MaskDiT's bridge (D -> D_dec) and its decoder's final layer (D_dec -> p*p*C_out), both
-    conditioned on the backbone's c (cond_dim)."""
+    """LayerNorm (no affine; or RMSNorm with a weight, norm="rmsnorm", as the backbone's) modulated
+    by c, then a Linear; zero-initialised so it starts at 0. MaskDiT's bridge (D -> D_dec) and its
+    decoder's final layer (D_dec -> p*p*C_out), both conditioned on the backbone's c (cond_dim)."""
 
-    def __init__(self, dim: int, out: int, cond_dim: int):
+    def __init__(self, dim: int, out: int, cond_dim: int, norm: str = "layernorm", backend: str | None = None):
         super().__init__()
-        self.norm = ModulatedLayerNorm(dim, eps=1e-6)
+        self.norm = (ModulatedRMSNorm(dim, eps=1e-6, backend=backend) if norm == "rmsnorm"
+                     else ModulatedLayerNorm(dim, eps=1e-6, backend=backend))
         self.linear = nn.Linear(dim, out)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
         for lin in (self.linear, self.adaLN_modulation[-1]):
@@ -69,21 +70,35 @@ class AdaLNLinear(nn.Module):
 
 
 class MaskDecoder(nn.Module):
-    """Bridge, mask token, fixed positions, adaLN-Zero blocks and final layer over all N tokens."""
+    """Bridge, mask token, positions, adaLN-Zero blocks and final layer over all N tokens.
+
+    The decoder takes the backbone's options: its norm (LayerNorm / RMSNorm in the blocks, bridge
+    and final layer), MLP (GELU / SwiGLU) and positions: the fixed sin-cos embedding added after
+    the mask tokens fill in when the backbone has one, the rotary q/k of every block by the full
+    grid's positions when the backbone has RoPE. QK-norm stays the encoder's (the release's
+    decoder has none)."""
 
     def __init__(self, backbone, width: int, depth: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
-        if width % 4:
+        sincos, rope = "sincos" in backbone.pos_kind, backbone.uses_rope
+        if sincos and width % 4:
             raise ConfigError(f"--decoder-width must be a multiple of 4 (sin-cos positions), got {width}")
         if width % num_heads:
             raise ConfigError(f"--decoder-width {width} is not divisible by the decoder's {num_heads} heads")
-        d, p = backbone.hidden_size, backbone.patch_size
+        if rope and (width // num_heads) % 2:
+            raise ConfigError(f"--decoder-width {width} over {num_heads} heads gives an odd head dim; RoPE needs it even")
+        d, p, norm = backbone.hidden_size, backbone.patch_size, backbone.norm_kind
         self.num_tokens, self.width = backbone.num_patches, width
-        self.bridge = AdaLNLinear(d, width, d)
+        self.bridge = AdaLNLinear(d, width, d, norm, backbone.backend)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         nn.init.normal_(self.mask_token, std=0.02)
-        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(width, backbone.x_embedder.grid_size).unsqueeze(0))
-        self.blocks = nn.ModuleList([DiTBlock(width, num_heads, mlp_ratio, cond_dim=d, backend=backbone.backend)
+        if sincos:
+            self.register_buffer("pos_embed", get_2d_sincos_pos_embed(width, backbone.x_embedder.grid_size).unsqueeze(0))
+        else:
+            self.pos_embed = None
+        self.rope = rope
+        self.blocks = nn.ModuleList([DiTBlock(width, num_heads, mlp_ratio, cond_dim=d, norm=norm, mlp=backbone.mlp_kind,
+                                              rope=rope, backend=backbone.backend)
                                      for _ in range(depth)])
         for blk in self.blocks:
             for lin in blk.modules():  # every Linear: xavier-uniform weight, zero bias
@@ -94,7 +109,9 @@ class MaskDecoder(nn.Module):
             # adaLN-Zero: shifts, scales and gates start at 0, so every decoder block is the identity
             nn.init.zeros_(blk.adaLN_modulation[-1].weight)
             nn.init.zeros_(blk.adaLN_modulation[-1].bias)
-        self.final = AdaLNLinear(width, p * p * backbone.out_channels, d)
+        self.final = AdaLNLinear(width, p * p * backbone.out_channels, d, norm, backbone.backend)
+        # the full grid's (row, column) positions (N, 2), for the blocks' rotary q/k
+        self.register_buffer("token_pos", backbone.token_pos.clone(), persistent=False)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor, keep_idx: torch.Tensor | TokenPack | None) -> torch.Tensor:
         """h (B, K, D) encoder tokens at keep_idx (or (B, N, D) with keep_idx None, or packed (T, D)
@@ -109,15 +126,17 @@ class MaskDecoder(nn.Module):
         if keep_idx is not None:
             full = self.mask_token.to(x.dtype).expand(x.shape[0], self.num_tokens, -1).contiguous()
             x = ops.route_scatter(full, x, keep_idx, check_idx=False)  # (B, N, D_dec); drawn here, valid
-        x = x + self.pos_embed.to(x.dtype)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.to(x.dtype)
+        pos = self.token_pos if self.rope else None
         for blk in self.blocks:
-            x = blk(x, c)
+            x = blk(x, c, pos=pos)
         return self.final(x, c)
 
 
 def condition(backbone, t: torch.Tensor, y, force_drop_ids=None) -> torch.Tensor:
     """The backbone's c (B, D) for (t, y), with exactly the label dropout the encoder used."""
-    t = torch.as_tensor(t, device=backbone.pos_embed.device)
+    t = torch.as_tensor(t, device=backbone.token_pos.device)
     b = force_drop_ids.shape[0] if force_drop_ids is not None else (y.shape[0] if y is not None else t.numel())
     t = t.expand(b) if t.dim() == 0 else t
     if y is None:
