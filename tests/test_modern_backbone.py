@@ -16,6 +16,7 @@ from effkernels.models.backbone.network import DiT, Route
 from effkernels.models.backbone.positions import get_2d_sincos_pos_embed
 from effkernels.models.cli import train as train_mod
 from effkernels.models.interop.official import infer_config, load_official
+from effkernels.models.interop.patch import apply_effkernels, revert_effkernels
 from effkernels.models.methods.maskdit import MaskDiT
 from effkernels.models.train.runlog import MetricsLog
 from helpers import TOL, rel_err
@@ -66,37 +67,58 @@ def _modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+class _Attention(nn.Module):
+    def __init__(self, dim, heads, qk_norm):
+        super().__init__()
+        self.heads, self.qk_norm = heads, qk_norm
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        if qk_norm:
+            self.q_norm, self.k_norm = _RMSNorm(dim // heads), _RMSNorm(dim // heads)
+
+    def forward(self, x, rope=None):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+
+
+class _SwiGLUFFN(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
 class _Block(nn.Module):
     def __init__(self, dim, heads, qk_norm):
         super().__init__()
-        self.heads = heads
         self.norm1, self.norm2 = _RMSNorm(dim), _RMSNorm(dim)
-        self.attn = nn.Module()
-        self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.qk_norm = qk_norm
-        if qk_norm:
-            self.attn.q_norm, self.attn.k_norm = _RMSNorm(dim // heads), _RMSNorm(dim // heads)
-        hidden = int(2 / 3 * int(dim * 4.0))
-        self.mlp = nn.Module()
-        self.mlp.w12, self.mlp.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+        self.attn = _Attention(dim, heads, qk_norm)
+        self.mlp = _SwiGLUFFN(dim, int(2 / 3 * int(dim * 4.0)))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def _attn(self, x, rope):
-        B, N, D = x.shape
-        q, k, v = self.attn.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.qk_norm:
-            q, k = self.attn.q_norm(q), self.attn.k_norm(k)
-        q, k = rope(q), rope(k)
-        return self.attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
-
-    def _mlp(self, x):
-        a, b = self.mlp.w12(x).chunk(2, dim=-1)
-        return self.mlp.w3(F.silu(a) * b)
-
-    def forward(self, x, c, rope):
+    def forward(self, x, c, feat_rope=None):
         s1, sc1, g1, s2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + g1.unsqueeze(1) * self._attn(_modulate(self.norm1(x), s1, sc1), rope)
-        return x + g2.unsqueeze(1) * self._mlp(_modulate(self.norm2(x), s2, sc2))
+        x = x + g1.unsqueeze(1) * self.attn(_modulate(self.norm1(x), s1, sc1), rope=feat_rope)
+        return x + g2.unsqueeze(1) * self.mlp(_modulate(self.norm2(x), s2, sc2))
+
+
+class _Final(nn.Module):
+    def __init__(self, dim, p, out_channels):
+        super().__init__()
+        self.norm_final = _RMSNorm(dim)
+        self.linear = nn.Linear(dim, p * p * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(_modulate(self.norm_final(x), shift, scale))
 
 
 class ReleaseLightningDiT(nn.Module):
@@ -116,10 +138,7 @@ class ReleaseLightningDiT(nn.Module):
         self.pos_embed = nn.Parameter(get_2d_sincos_pos_embed(hidden_size, grid)[None].clone(), requires_grad=False)
         self.feat_rope = _Rope(hidden_size // num_heads, grid)
         self.blocks = nn.ModuleList([_Block(hidden_size, num_heads, qk_norm) for _ in range(depth)])
-        self.final_layer = nn.Module()
-        self.final_layer.norm_final = _RMSNorm(hidden_size)
-        self.final_layer.linear = nn.Linear(hidden_size, patch_size ** 2 * in_channels)
-        self.final_layer.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.final_layer = _Final(hidden_size, patch_size, in_channels)
 
     def forward(self, x, t, y):
         tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
@@ -129,9 +148,7 @@ class ReleaseLightningDiT(nn.Module):
         c = self.t_embedder.mlp(torch.cat([torch.cos(args), torch.sin(args)], -1)) + self.y_embedder.embedding_table(y)
         for block in self.blocks:
             tokens = block(tokens, c, self.feat_rope)
-        fl = self.final_layer
-        shift, scale = fl.adaLN_modulation(c).chunk(2, dim=1)
-        out = fl.linear(_modulate(fl.norm_final(tokens), shift, scale))
+        out = self.final_layer(tokens, c)
         B, h = x.shape[0], x.shape[-1] // self.p
         out = out.reshape(B, h, h, self.p, self.p, self.c).permute(0, 5, 1, 3, 2, 4)
         return out.reshape(B, self.c, h * self.p, h * self.p)
@@ -178,6 +195,34 @@ def test_lightningdit_infer_config_and_bad_rope_tables():
         load_official(bad, num_heads=4)
     with pytest.raises(ValueError, match="not both"):
         load_official({k: v for k, v in sd.items() if k != "feat_rope.freqs_sin"}, num_heads=4)
+
+
+@pytest.mark.parametrize("qk_norm", (False, True), ids=("no_qk_norm", "rmsnorm_qk_norm"))
+def test_apply_effkernels_patches_a_lightningdit_model_keeping_outputs_and_gradients(seed, qk_norm):
+    """The release's own model, patched in place: fused RMSNorm + modulate / gated-residual pair in
+    every block and the final layer, ops.swiglu in every SwiGLUFFN; same outputs and gradients."""
+    release = _release(qk_norm=qk_norm).train()
+    x, t, y = torch.randn(3, 3, 8, 8), torch.rand(3), torch.randint(0, 7, (3,))
+    params = list(release.parameters())
+
+    def run():
+        out = release(x, t, y)
+        grads = torch.autograd.grad(out.square().mean(), [p for p in params if p.requires_grad])
+        return out.detach(), grads
+
+    want, want_g = run()
+    keys = set(release.state_dict())
+    apply_effkernels(release)
+    patched = [m for m in release.modules() if "forward" in m.__dict__]
+    assert len(patched) == 3 + 3 + 1  # 3 blocks, their 3 SwiGLUFFNs, the final layer
+    assert set(release.state_dict()) == keys
+    got, got_g = run()
+    assert rel_err(got, want) <= TOL[torch.float32]
+    for a, b in zip(got_g, want_g):
+        assert rel_err(a, b) <= 1e-4  # gradients: sums over tokens in another order (TOL_REDUCE)
+    revert_effkernels(release)
+    assert not any("forward" in m.__dict__ for m in release.modules())
+    assert torch.equal(release(x, t, y).detach(), want)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in CONFIGS if n.startswith("LightningDiT-") and "tiny" not in n))
