@@ -8,8 +8,14 @@ import torch
 from torch import nn
 
 from effkernels import ops
-from effkernels.nn import (DiTBlock, GatedResidual, GatedResidualModulatedLayerNorm, GatedResidualModulatedRMSNorm,
-                           ModulatedLayerNorm, ModulatedRMSNorm)
+from effkernels.nn import (
+    DiTBlock,
+    GatedResidual,
+    GatedResidualModulatedLayerNorm,
+    GatedResidualModulatedRMSNorm,
+    ModulatedLayerNorm,
+    ModulatedRMSNorm,
+)
 from effkernels.nn._common import check_backend
 from effkernels.nn.block import adaln_zero
 
