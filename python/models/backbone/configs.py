@@ -16,7 +16,7 @@ SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 
 # LightningDiT size -> (depth, hidden_size, num_heads); its release's block options.
 LIGHTNING_SIZES = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16), "1p0B": (24, 1536, 24),
                    "1p6B": (28, 1792, 28)}
-LIGHTNING = dict(norm="rmsnorm", mlp="swiglu", pos="sincos+rope2d", qk_norm=False)
+LIGHTNING = {"norm": "rmsnorm", "mlp": "swiglu", "pos": "sincos+rope2d", "qk_norm": False}
 
 # Tiny CPU models for the 8x8x1 digits data set.
 TINY = dict(input_size=8, in_channels=1, num_classes=10, hidden_size=64, depth=6, num_heads=4)

@@ -1,7 +1,8 @@
 """DiT / SiT backbone built from effkernels.nn: adaLN-Zero transformer on latent patches.
 
 Follows the layout of the original DiT models.py (same parameter names, so official checkpoints load
-unchanged through effkernels.models.interop.patch), with three additions used by the training methods:
+unchanged through effkernels.models.interop.official), with the backbone options of LightningDiT
+(norm, mlp, pos, qk_norm: docs/backbones.md) and these additions used by the training methods:
   - hidden states at chosen depths (REPA, ERW, SRA), blocks numbered 1..depth, "depth d" = output
     of block d; `stop_at=d` runs blocks 1..d only (SRA's teacher);
   - TREAD routes: `routes=[Route(start, end, ratio)]` runs blocks start..end on a random subset of
@@ -12,6 +13,8 @@ unchanged through effkernels.models.interop.patch), with three additions used by
   - per-sample token budgets: a route's idx or keep_idx may be an effkernels.nn.routing.TokenPack
     (a different count per sample), and the blocks then run on the kept tokens packed without
     padding, (T, D) with cu_seqlens, attention within each sample, conditioning broadcast per sample.
+Every token plan is a selection that backbone.tokens.Tokens applies: the states, their grid positions
+(RoPE) and the pack move together.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from effkernels.nn.routing import TokenPack, keep_count
 
 from .guidance import cfg_forward
 from .positions import get_2d_sincos_pos_embed
+from .tokens import Tokens
 
 #################################################################################
 #                     Embedding layers for patches, timesteps and labels         #
@@ -161,45 +165,6 @@ def _basic_init(module):
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
             nn.init.constant_(module.bias, 0)
-
-
-def select(h: torch.Tensor, sel, backend: str | None) -> torch.Tensor:
-    """The rows of h (B, N, D) that `sel` names: h itself for None, (B, K, D) for a (B, K) keep
-    index, the packed rows (T, D) for a TokenPack. Indices are checked before (check_idx=False)."""
-    if sel is None:
-        return h
-    if isinstance(sel, TokenPack):
-        return sel.gather(h, backend=backend)
-    return ops.route_gather(h, sel, backend=backend, check_idx=False)
-
-
-def restore(full: torch.Tensor, h: torch.Tensor, sel, backend: str | None) -> torch.Tensor:
-    """full (B, N, D) with the rows `sel` names replaced by h (select's output), out of place."""
-    if sel is None:
-        return h
-    if isinstance(sel, TokenPack):
-        return sel.scatter(full, h, backend=backend)
-    return ops.route_scatter(full, h, sel, backend=backend, check_idx=False)
-
-
-def select_positions(pos: torch.Tensor | None, sel) -> torch.Tensor | None:
-    """The (row, column) positions of the tokens select(h, sel) keeps, gathered with the same index:
-    pos (N, 2) shared or (B, N, 2) -> (B, K, 2) for a (B, K) index, (T, 2) for a TokenPack; None
-    (no rotary embedding) stays None."""
-    if pos is None or sel is None:
-        return pos
-    if isinstance(sel, TokenPack):
-        if pos.dim() == 2:
-            return pos.index_select(0, sel.rows % sel.num_tokens)  # rows are b * N + n
-        return pos.reshape(-1, 2).index_select(0, sel.rows)
-    if pos.dim() == 2:
-        return pos[sel]  # (B, K, 2)
-    return torch.gather(pos, 1, sel.unsqueeze(-1).expand(-1, -1, 2))
-
-
-def pack_of(sel) -> TokenPack | None:
-    """The TokenPack the blocks run on after select(h, sel), or None for a (B, K) or dense sequence."""
-    return sel if isinstance(sel, TokenPack) else None
 
 
 @dataclass(frozen=True)
@@ -474,25 +439,24 @@ class DiT(nn.Module):
         h, c = self.embed(x, t, y, force_drop_ids)  # (B, N, D), (B, D)
         keep = self._check_keep(keep_idx, routes, h)  # None, (B, K) or a TokenPack
         pos = self.token_pos if self.uses_rope else None  # (N, 2): the rotary positions, if any
-        h, pos = select(h, keep, be), select_positions(pos, keep)  # (B, K, D) or the pack's rows (T, D)
-        spans = self._route_indices(routes, h.shape[0], h.shape[1], h.device, generator)  # {start: (end, sel)}
-        outer = None  # inside a route: (the sequence before it, the route's selection, its last block, positions)
+        tok = Tokens(h, pos).select(keep, be)  # (B, K, D) kept, or the pack's rows (T, D); positions alike
+        spans = self._route_indices(routes, tok.h.shape[0], tok.h.shape[1], h.device, generator)  # {start: (end, sel)}
+        outer, end = None, None  # inside a route: the tokens before it, and its last block
         hidden = {}
         for d, block in enumerate(self.blocks, start=1):
             if d > last:  # stop_at
                 break
             if d in spans:
                 end, sel = spans[d]
-                outer = (h, sel, end, pos)
-                h, pos = select(h, sel, be), select_positions(pos, sel)  # (B, K', D) or (T, D)
-            h = block(h, c, pack_of(outer[1] if outer else keep), pos)  # same shape
-            if outer is not None and d == outer[2]:
-                h, pos, outer = restore(outer[0], h, outer[1], be), outer[3], None
+                outer, tok = tok, tok.select(sel, be)  # (B, K', D) or (T, D)
+            tok = tok.with_states(block(tok.h, c, tok.pack, tok.pos))  # same shape
+            if outer is not None and d == end:
+                tok, outer = tok.restore(outer, be), None
             if d in want:
-                hidden[d] = h if outer is None else restore(outer[0], h, outer[1], be)
+                hidden[d] = tok.h if outer is None else tok.restore(outer, be).h
         if stop_at is not None:
             return None, hidden
-        out = self.final_layer(h, c, pack_of(keep))  # (B, N or K, p*p*C_out), or (T, p*p*C_out)
+        out = self.final_layer(tok.h, c, tok.pack)  # (B, N or K, p*p*C_out), or (T, p*p*C_out)
         if keep_idx is None:
             out = self.unpatchify(out)  # (B, C_out, H, W)
         return (out, hidden) if want else out
