@@ -17,7 +17,10 @@ from effkernels.nn.routing import TokenPack
 from effkernels.reference import adaln as R_ad
 from effkernels.reference import align as R_al
 from effkernels.reference import attention as R_at
+from effkernels.reference import rmsnorm as R_rms
+from effkernels.reference import rope as R_rope
 from effkernels.reference import routing as R_rt
+from effkernels.reference import swiglu as R_sw
 
 from helpers import rel_err
 
@@ -254,12 +257,17 @@ def _plain_ops(monkeypatch):
     monkeypatch.setattr(ops, "route_scatter", drop(R_rt.route_scatter))
     monkeypatch.setattr(ops, "segment_expand", lambda v, seg, cu, m: R_rt.segment_expand(v, seg))
     monkeypatch.setattr(ops, "visible_attention", attn)
+    monkeypatch.setattr(ops, "rmsnorm_modulate", drop(R_rms.rmsnorm_modulate))
+    monkeypatch.setattr(ops, "gated_residual_rmsnorm_modulate", drop(R_rms.gated_residual_rmsnorm_modulate))
+    monkeypatch.setattr(ops, "swiglu", drop(R_sw.swiglu))
+    monkeypatch.setattr(ops, "rope2d", drop(R_rope.rope2d))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("plan", ["dense", "routed", "packed"])
-def test_model_jvp(backend, plan, monkeypatch):
-    model = build("tiny/2", depth=3, hidden_size=32, num_heads=2, class_dropout_prob=0.0).eval()
+@pytest.mark.parametrize("name", ["tiny/2", "LightningDiT-tiny/2"])  # DiT's block; RMSNorm + SwiGLU + RoPE
+def test_model_jvp(backend, plan, name, monkeypatch):
+    model = build(name, depth=3, hidden_size=32, num_heads=2, class_dropout_prob=0.0).eval()
     for p in model.parameters():  # adaLN-Zero starts at zero gates: perturb so every block matters
         p.data.add_(0.05 * torch.randn_like(p))
     B, N = 3, model.num_patches
