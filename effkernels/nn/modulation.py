@@ -1,4 +1,4 @@
-"""adaLN modules: LayerNorm + modulate, gated residual, and the fused residual + LayerNorm + modulate.
+"""adaLN modules: LayerNorm (or RMSNorm) + modulate, gated residual, and the fused residual + norm + modulate.
 
 Shapes: x, y (B, N, D); shift, scale, gate per sample (B, D) or per token (B, N, D), any row stride
 (the chunks of adaLN(c).chunk(6, -1) are passed as they are) but unit stride along D. All float
@@ -13,7 +13,34 @@ from .. import ops
 from ._common import check_backend, check_positive_float, check_positive_int, unit_last
 
 
-class ModulatedLayerNorm(nn.Module):
+class _ModulatedNorm(nn.Module):
+    """The parameters and checks a modulated norm shares: dim D, eps, an optional learned weight
+    (ones at init) and, for LayerNorm, bias (zeros); backend for effkernels.ops."""
+
+    _has_bias = True
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False, *,
+                 backend: str | None = None):
+        super().__init__()
+        self.dim = check_positive_int("dim", dim)
+        self.eps = check_positive_float("eps", eps)
+        if not isinstance(elementwise_affine, bool):
+            raise TypeError(f"elementwise_affine must be a bool, got {type(elementwise_affine).__name__}")
+        self.elementwise_affine = elementwise_affine
+        self.backend = check_backend(backend)
+        self.register_parameter("weight", nn.Parameter(torch.ones(dim)) if elementwise_affine else None)
+        if self._has_bias:
+            self.register_parameter("bias", nn.Parameter(torch.zeros(dim)) if elementwise_affine else None)
+
+    def _check_dim(self, x: torch.Tensor) -> None:
+        if isinstance(x, torch.Tensor) and x.shape[-1] != self.dim:
+            raise ValueError(f"x must have last dim {self.dim} (dim), got shape {tuple(x.shape)}")
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+class ModulatedLayerNorm(_ModulatedNorm):
     """LN(x) * (1 + scale) + shift, DiT's `modulate(norm(x), shift, scale)` in one op.
 
     Args:
@@ -25,33 +52,10 @@ class ModulatedLayerNorm(nn.Module):
     forward(x (B, N, D), shift, scale (B, D) or (B, N, D)) -> (B, N, D), x's dtype.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False, *,
-                 backend: str | None = None):
-        super().__init__()
-        self.dim = check_positive_int("dim", dim)
-        self.eps = check_positive_float("eps", eps)
-        if not isinstance(elementwise_affine, bool):
-            raise TypeError(f"elementwise_affine must be a bool, got {type(elementwise_affine).__name__}")
-        self.elementwise_affine = elementwise_affine
-        self.backend = check_backend(backend)
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(dim))
-            self.bias = nn.Parameter(torch.zeros(dim))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-
-    def _check_dim(self, x: torch.Tensor) -> None:
-        if isinstance(x, torch.Tensor) and x.shape[-1] != self.dim:
-            raise ValueError(f"x must have last dim {self.dim} (dim), got shape {tuple(x.shape)}")
-
     def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         self._check_dim(x)
         x, shift, scale = unit_last(x), unit_last(shift), unit_last(scale)
         return ops.modulate_layernorm(x, shift, scale, self.eps, self.weight, self.bias, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
 
 
 class GatedResidual(nn.Module):
@@ -85,29 +89,18 @@ class GatedResidualModulatedLayerNorm(ModulatedLayerNorm):
                                                      self.bias, backend=self.backend)
 
 
-class ModulatedRMSNorm(nn.Module):
+class ModulatedRMSNorm(_ModulatedNorm):
     """RMSNorm(x) * (1 + scale) + shift, ModulatedLayerNorm's RMSNorm twin (LightningDiT's norms).
 
     RMSNorm(x) = x / sqrt(mean(x^2) + eps) * weight, weight (D,) learned (ones at init) unless
-    elementwise_affine=False. Shapes and dtypes as ModulatedLayerNorm.
+    elementwise_affine=False; no bias. Shapes and dtypes as ModulatedLayerNorm.
     """
+
+    _has_bias = False
 
     def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = True, *,
                  backend: str | None = None):
-        super().__init__()
-        self.dim = check_positive_int("dim", dim)
-        self.eps = check_positive_float("eps", eps)
-        if not isinstance(elementwise_affine, bool):
-            raise TypeError(f"elementwise_affine must be a bool, got {type(elementwise_affine).__name__}")
-        self.elementwise_affine = elementwise_affine
-        self.backend = check_backend(backend)
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(dim))
-        else:
-            self.register_parameter("weight", None)
-
-    _check_dim = ModulatedLayerNorm._check_dim
-    extra_repr = ModulatedLayerNorm.extra_repr
+        super().__init__(dim, eps, elementwise_affine, backend=backend)
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         self._check_dim(x)
