@@ -56,6 +56,11 @@ def cases(B: int, N: int, D: int, dtype, device, backward: bool):
     yield ("gated_residual_modulate_layernorm", lambda: needs_grad(rnd(B, N, D), rnd(B, N, D), mod.clone()),
            grad_of(lambda i, b: ops.gated_residual_modulate_layernorm(
                i[0], i[1], *i[2].chunk(6, -1)[2:5], backend=b)), 4 * x_bnd)
+    yield ("rmsnorm_modulate", lambda: needs_grad(rnd(B, N, D), mod.clone()),
+           grad_of(lambda i, b: ops.rmsnorm_modulate(i[0], *i[1].chunk(6, -1)[:2], backend=b)), 2 * x_bnd)
+    yield ("gated_residual_rmsnorm_modulate", lambda: needs_grad(rnd(B, N, D), rnd(B, N, D), mod.clone()),
+           grad_of(lambda i, b: ops.gated_residual_rmsnorm_modulate(
+               i[0], i[1], *i[2].chunk(6, -1)[2:5], backend=b)), 4 * x_bnd)
     yield ("per_token_cosine", lambda: needs_grad(rnd(B, N, D)) + [rnd(B, N, D)],
            grad_of(lambda i, b: ops.cosine_alignment_loss(i[0], i[1], backend=b)), 2 * x_bnd)
     # SwiGLU on the halves of one (B, N, 2Hm) projection, Hm = LightningDiT's 2/3 * 4D; RoPE on the

@@ -34,13 +34,13 @@ BACKENDS = ("auto", "reference", "triton", "cuda", "cpp")
 # than it saves, but those calls take microseconds either way.
 CPP_FASTER_ON_CPU: frozenset[str] = frozenset({
     "route_gather", "route_scatter", "modulate_layernorm", "gated_residual",
-    "gated_residual_modulate_layernorm", "per_token_cosine", "rope2d"})
+    "gated_residual_modulate_layernorm", "per_token_cosine", "rmsnorm_modulate",
+    "gated_residual_rmsnorm_modulate", "rope2d"})
 
 # Ops the extension implements for CPU tensors only: on CUDA tensors their kernel path is Triton's
 # (the fused projection + cosine is matmuls, which tl.dot tiles; a hand-written CUDA GEMM would not
 # beat it), so auto skips `cuda` for them and asking for it by name is an error.
-NO_CUDA_KERNEL: frozenset[str] = frozenset({"projected_cosine", "rmsnorm_modulate",
-                                            "gated_residual_rmsnorm_modulate"})
+NO_CUDA_KERNEL: frozenset[str] = frozenset({"projected_cosine"})
 
 _local = threading.local()
 

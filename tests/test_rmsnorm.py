@@ -4,18 +4,25 @@ mode (JVP) vs torch's own forward AD through the reference and finite difference
 with NaN-poisoned outputs, determinism of the backward reductions, every validation error, opcheck
 and torch.compile graph capture."""
 import math
+import os
 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-
-from effkernels import backends, ops
-from effkernels._triton import rmsnorm as tk
-from effkernels.reference import rmsnorm as ref
 from helpers import assert_close, poison, rel_err
 
-CPU = torch.device("cpu")
-KERNELS = ("triton",)
+from effkernels import _ext, backends, ops
+from effkernels._triton import rmsnorm as tk
+from effkernels.reference import rmsnorm as ref
+
+# The extension's backend under test: its C++ CPU path, or its CUDA kernels when the tests run on
+# the GPU (EFFKERNELS_TEST_DEVICE=cuda, tests/conftest.py), where every test here runs them instead.
+_ON_GPU = os.environ.get("EFFKERNELS_TEST_DEVICE", "") == "cuda"
+EXT = "cuda" if _ON_GPU else "cpp"
+_NO_EXT = pytest.mark.skipif(not backends.available(EXT, torch.device(EXT if _ON_GPU else "cpu"))[0],
+                             reason=f"effkernels._C is not built (for {EXT})")
+# The kernel backends that run here: Triton (the interpreter on the CPU) and the extension.
+KERNELS = ("triton", pytest.param(EXT, marks=_NO_EXT))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Odd, non-power-of-two N and D; D = 1 normalises a single element to +-1 (times the weight).
 SHAPES = ((2, 7, 17), (1, 5, 384), (3, 3, 1000), (2, 9, 1))
@@ -242,7 +249,7 @@ def _loop(x, y, gate, shift, scale, eps, w, do_residual):
 @pytest.mark.parametrize("affine", (False, True), ids=("no_weight", "weight"))
 def test_reference_vs_float64_loops(seed, affine, per_token):
     B, N, D = 2, 3, 7
-    f64 = dict(dtype=torch.float64)
+    f64 = {"dtype": torch.float64}
     x, y = torch.randn(B, N, D, **f64) * 3 + 1, torch.randn(B, N, D, **f64)
     shape = (B, N, D) if per_token else (B, D)
     gate, shift, scale = (torch.randn(shape, **f64) for _ in range(3))
@@ -291,7 +298,7 @@ def _tuple(t):
 
 
 @pytest.mark.parametrize("per_token", (False, True), ids=("per_sample", "per_token"))
-@pytest.mark.parametrize("backend", ("reference",) + KERNELS)
+@pytest.mark.parametrize("backend", ("reference", *KERNELS))
 def test_jvp(seed, backend, per_token):
     """torch.func.jvp and dual tensors through the op equal torch's forward AD through the reference
     (1e-5; measured <= 7e-8 in float32) and central differences (fp32 step 1e-2; measured <= 1.5e-4)."""
@@ -321,7 +328,7 @@ def test_reference_jvp_formulas_float64(seed):
     """The analytic tangents (what the kernel backends' forward-mode rules return) equal torch's
     forward AD through the reference in float64, weight with and without tangent."""
     B, N, D = 2, 3, 6
-    f64 = dict(dtype=torch.float64)
+    f64 = {"dtype": torch.float64}
     x, y, dx, dy = (torch.randn(B, N, D, **f64) for _ in range(4))
     gate, shift, scale, dg, dsh, dsc = (torch.randn(B, N, D, **f64) for _ in range(6))
     w, dw = torch.randn(D, **f64), torch.randn(D, **f64)
@@ -342,10 +349,78 @@ def test_jacfwd_through_kernel(seed):
     """jacfwd (forward mode under vmap) through the Triton op equals the reference's Jacobian."""
     B, N, D = 1, 2, 5
     x, c, w = torch.randn(B, N, D), torch.randn(B, 6 * D), torch.randn(D)
-    f = lambda x, op, **kw: op(x, *c.chunk(6, -1)[:2], EPS, w, **kw)  # noqa: E731
+    f = lambda x, op, **kw: op(x, *c.chunk(6, -1)[:2], EPS, w, **kw)
     jac = torch.func.jacfwd(lambda x: f(x, ops.rmsnorm_modulate, backend="triton"))(x)
     want = torch.func.jacfwd(lambda x: f(x, ref.rmsnorm_modulate))(x)
     assert_close(jac, want, torch.float32, reduce=True, name="jacobian")
+
+
+# ---------------------------------------------------------------------------------------------
+# The extension's C++ CPU path: its primitives and raw ops
+# ---------------------------------------------------------------------------------------------
+
+@_NO_EXT
+@pytest.mark.parametrize("per_token", (False, True), ids=("per_sample", "per_token"))
+def test_ext_matches_triton_and_float64(seed, per_token):
+    """The extension's primitives (C++ loops on the CPU, the CUDA kernels on a GPU: one shared
+    arithmetic) vs the Triton kernels, backward included, and float64 input through the extension
+    (it accumulates in float32: fp32's tolerance)."""
+    from effkernels._ext import rmsnorm as xk
+
+    B, N, D = 2, 37, 19  # 37 tokens: two row chunks of 32 per sample in the partial sums
+    x, y, dout, dh = (torch.randn(B, N, D) for _ in range(4))
+    shift, scale, gate = torch.randn((B, N, 6 * D) if per_token else (B, 6 * D)).chunk(6, -1)[:3]
+    w = torch.randn(D)
+    out, rstd = xk.rms_modulate_fwd(x, shift, scale, w, EPS, out=poison((B, N, D), torch.float32))
+    t_out, t_rstd = tk.rms_modulate_fwd(x, shift, scale, w, EPS)
+    assert_close(out, t_out, torch.float32, name="out")
+    assert_close(rstd, t_rstd, torch.float32, name="rstd")
+    for name, a, b in zip(("dx", "dshift", "dscale", "dweight"), xk.rms_modulate_bwd(dout, x, shift, scale, w, rstd),
+                          tk.rms_modulate_bwd(dout, x, shift, scale, w, rstd)):
+        assert_close(a, b, torch.float32, reduce=True, name=name)
+    h, out, rstd = xk.rms_fused_fwd(x, y, gate, shift, scale, None, EPS)
+    th, t_out, _ = tk.rms_fused_fwd(x, y, gate, shift, scale, None, EPS)
+    assert torch.equal(h, th)
+    assert_close(out, t_out, torch.float32, name="fused out")
+    got = xk.rms_fused_bwd(dh, dout, h, y, gate, shift, scale, None, rstd)
+    want = tk.rms_fused_bwd(dh, dout, h, y, gate, shift, scale, None, rstd)
+    assert got[5] is None and want[5] is None
+    for name, a, b in zip(("dx", "dy", "dgate", "dshift", "dscale"), got, want):
+        assert_close(a, b, torch.float32, reduce=True, name=f"fused {name}")
+    again = xk.rms_fused_bwd(dh, dout, h, y, gate, shift, scale, None, rstd)
+    assert all(torch.equal(a, b) for a, b in zip(got[:5], again[:5])), "the extension's backward must be deterministic"
+    x64, s64, c64, w64 = x.double(), shift.double(), scale.double(), w.double()
+    got = ops.rmsnorm_modulate(x64, s64, c64, EPS, w64, backend=EXT)
+    assert got.dtype == torch.float64
+    assert_close(got, ref.rmsnorm_modulate(x64, s64, c64, EPS, w64), torch.float32, name="float64 via the extension")
+
+
+def _raw_cases():
+    B, N, D = 2, 5, 12
+    r = torch.randn
+    ch = r(B, 6 * D).chunk(6, dim=-1)
+    x, y, dout, dh, w = r(B, N, D), r(B, N, D), r(B, N, D), r(B, N, D), r(D)
+    C = torch.ops.effkernels_C
+    _, rstd = C.rms_modulate_fwd(x, ch[0], ch[1], w, EPS)
+    h, _, hr = C.rms_fused_fwd(x, y, ch[2], ch[0], ch[1], None, EPS)
+    return {
+        "rms_modulate_fwd": [(x, r(B, D), r(B, N, D), None, EPS), (x, ch[0], ch[1], w, 1e-5)],
+        "rms_modulate_fwd_out": [(x, ch[0], ch[1], None, EPS, torch.empty(B, N, D))],
+        "rms_modulate_bwd": [(dout, x, ch[0], ch[1], w, rstd), (dout, x, ch[0], r(B, N, D), None, rstd)],
+        "rms_fused_fwd": [(x, y, r(B, D), r(B, D), r(B, N, D), w, EPS)],
+        "rms_fused_bwd": [(dh, dout, h, y, ch[2], ch[0], ch[1], None, hr), (dh, dout, h, y, r(B, N, D), ch[0], ch[1], w, hr)],
+    }
+
+
+@_NO_EXT
+def test_raw_ops_opcheck(seed):
+    """Schema, fake kernel and dispatch of every raw effkernels_C rms op; none has autograd of its own."""
+    cases = _raw_cases()
+    assert set(cases) == set(_ext.RMSNORM_OPS)
+    for name, arg_sets in cases.items():
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"effkernels_C::{name}", "Autograd"), name
+        for args in arg_sets:
+            torch.library.opcheck(getattr(torch.ops.effkernels_C, name).default, args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,9 +429,9 @@ def test_jacfwd_through_kernel(seed):
 
 def _valid(dtype=torch.float32):
     B, N, D = 2, 3, 4
-    return dict(x=torch.randn(B, N, D, dtype=dtype), y=torch.randn(B, N, D, dtype=dtype),
-                gate=torch.randn(B, D, dtype=dtype), shift=torch.randn(B, D, dtype=dtype),
-                scale=torch.randn(B, N, D, dtype=dtype), weight=torch.randn(D, dtype=dtype))
+    return {"x": torch.randn(B, N, D, dtype=dtype), "y": torch.randn(B, N, D, dtype=dtype),
+            "gate": torch.randn(B, D, dtype=dtype), "shift": torch.randn(B, D, dtype=dtype),
+            "scale": torch.randn(B, N, D, dtype=dtype), "weight": torch.randn(D, dtype=dtype)}
 
 
 _BAD = [

@@ -27,6 +27,8 @@ OPS = ("gather", "gather_out", "scatter", "scatter_out", "ln_modulate_fwd", "ln_
        "ln_modulate_bwd", "gated_residual_fwd", "gated_residual_fwd_out", "gated_residual_bwd",
        "fused_fwd", "fused_bwd", "cosine_fwd", "cosine_fwd_out", "cosine_bwd",
        "proj_cosine_fwd", "proj_cosine_fwd_out", "proj_cosine_bwd")
+# The RMSNorm family's raw ops (tests/test_rmsnorm.py opchecks them).
+RMSNORM_OPS = ("rms_modulate_fwd", "rms_modulate_fwd_out", "rms_modulate_bwd", "rms_fused_fwd", "rms_fused_bwd")
 
 
 def require() -> None:
@@ -73,6 +75,13 @@ def _register() -> None:
         "proj_cosine_fwd_out": lambda h, w, b, z, eps, chunk, cos, norms: None,
         "proj_cosine_bwd": lambda dcos, h, w, b, z, cos, norms, eps, chunk: (
             _like(h), _like(w), _like(b) if b is not None else h.new_empty(0, dtype=torch.float32)),
+        "rms_modulate_fwd": lambda x, shift, scale, w, eps: (_like(x), _stats(x)),
+        "rms_modulate_fwd_out": lambda x, shift, scale, w, eps, out: _stats(x),
+        "rms_modulate_bwd": lambda dout, x, shift, scale, w, rstd: (
+            _like(x), _like(shift), _like(scale), _affine_grad(w, x)),
+        "rms_fused_fwd": lambda x, y, gate, shift, scale, w, eps: (_like(x), _like(x), _stats(x)),
+        "rms_fused_bwd": lambda dh, dout, h, y, gate, shift, scale, w, rstd: (
+            _like(h), _like(y), _like(gate), _like(shift), _like(scale), _affine_grad(w, h)),
         # swiglu (_ext/swiglu.py) and rope (_ext/rope.py): their RAW_OPS, opchecked in their test files
         "swiglu_fwd": lambda a, b: _like(a),
         "swiglu_fwd_out": lambda a, b, out: None,
