@@ -2,11 +2,13 @@
 
 On CPU: the reference and the extension's C++ path (`cpp`, when built); Triton's interpreter is a
 test tool and is not timed. On a GPU: reference, `torch.compile` of the reference, Triton and the
-CUDA extension, timed with triton.testing.do_bench. Reports time per call, the ratio to the
+CUDA extension, timed with triton.testing.do_bench. `--compile` adds, on either device,
+`torch.compile` of the reference and of each kernel backend's op (our ops are custom ops, opaque
+to inductor: what `auto` under torch.compile should pick is read from these rows). Reports time per call, the ratio to the
 reference, and achieved bandwidth against the bytes the op must move (read inputs + write outputs).
 
   python bench/bench_ops.py [--device cpu|cuda] [--dtype float32] [--shape 32,256,384] [--backward]
-                            [--out bench/out/ops.json]
+                            [--compile] [--threads N] [--out bench/out/ops.json]
 """
 from __future__ import annotations
 
@@ -80,7 +82,8 @@ def timer(device: str, fn, reps: int) -> float:
     if device == "cuda":
         from triton.testing import do_bench
         return do_bench(fn, rep=100) * 1e-3
-    fn()  # warm-up
+    for _ in range(3):  # warm-up (a compiled fn: its backward compiles and its guards settle here)
+        fn()
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -102,17 +105,21 @@ def run(args) -> list[dict]:
         for b in runnable:
             inp = make()
             row[b] = timer(device.type, lambda: fn(inp, b), args.reps)
-        if device.type == "cuda":
-            compiled = torch.compile(lambda i: fn(i, "reference"))
-            inp = make()
-            row["compile(reference)"] = timer("cuda", lambda: compiled(inp), args.reps)
+        compiled_backends = ["reference"] + (runnable[1:] if args.compile else [])
+        if device.type == "cuda" or args.compile:
+            for b in compiled_backends:
+                torch._dynamo.reset()
+                compiled = torch.compile(lambda i, b=b: fn(i, b))
+                inp = make()
+                row[f"compile({b})"] = timer(device.type, lambda: compiled(inp), args.reps)
         row["bytes"] = nbytes
         rows.append(row)
     return rows
 
 
 def render(rows: list[dict]) -> str:
-    cols = [c for c in ("reference", "compile(reference)", "triton", "cuda", "cpp") if c in rows[0]]
+    cols = [c for c in ("reference", "compile(reference)", "triton", "cuda", "cpp", "compile(triton)",
+                        "compile(cuda)", "compile(cpp)") if c in rows[0]]
     head = f"{'op':<44}" + "".join(f"{c:>22}" for c in cols)
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -132,10 +139,14 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="32,256,384", help="B,N,D (DiT-S/2 on 256 tokens by default)")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows of every backend (CPU too)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda needs a CUDA device; none is visible")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"effkernels {effkernels.__version__}, torch {torch.__version__}, {args.device}, {args.dtype}, "
           f"B,N,D={args.shape}, threads={torch.get_num_threads()}; each cell: median time, "
           f"speed-up over the reference, achieved bandwidth\n{machine_line(machine())}")

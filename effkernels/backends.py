@@ -10,7 +10,9 @@ Choice, strongest first: the `backend=` argument of a call; `with use_backend(na
 the EFFKERNELS_BACKEND environment variable; "auto". Auto picks, per device:
   CUDA tensors: cuda if built, else triton if importable, else reference;
   CPU tensors:  cpp for the ops listed in CPP_FASTER_ON_CPU (measured faster than the reference),
-                else reference. Triton runs CPU tensors only when asked for by name and
+                else reference; while torch.compile traces, cpp only for CPP_FASTER_COMPILED_ON_CPU
+                (the compiled reference, which inductor fuses, measured faster for the others).
+                Triton runs CPU tensors only when asked for by name and
                 TRITON_INTERPRET=1 (that is how CI tests it): the interpreter is a test tool, far
                 slower than the reference, so auto never picks it.
 
@@ -36,6 +38,13 @@ CPP_FASTER_ON_CPU: frozenset[str] = frozenset({
     "route_gather", "route_scatter", "modulate_layernorm", "gated_residual",
     "gated_residual_modulate_layernorm", "per_token_cosine", "rmsnorm_modulate",
     "gated_residual_rmsnorm_modulate", "rope2d"})
+
+# Under torch.compile on CPU tensors auto chooses again: the reference is plain torch that inductor
+# fuses with its neighbours, while our C++ ops are opaque custom ops it cannot fuse into. These are
+# the ops whose compiled C++ path measured faster than the compiled reference at SiT-S/2 sizes
+# (8 x 256 x 384, fp32, forward+backward: `python bench/bench_ops.py --backward --compile`; numbers in
+# docs/kernels.md); every other op compiles from the reference.
+CPP_FASTER_COMPILED_ON_CPU: frozenset[str] = frozenset({"route_gather", "per_token_cosine", "rope2d"})
 
 # Ops the extension implements for CPU tensors only: on CUDA tensors their kernel path is Triton's
 # (the fused projection + cosine is matmuls, which tl.dot tiles; a hand-written CUDA GEMM would not
@@ -136,6 +145,17 @@ def extension_has_cuda() -> bool:
 
 
 @_once
+def simulator_status() -> tuple[bool, str]:
+    """(built, why) for effkernels._C_sim, the CUDA execution simulator build of the extension's CUDA
+    kernels (docs/cuda-simulator.md). It is for tests: no backend uses it."""
+    try:
+        importlib.import_module("effkernels._C_sim")
+    except Exception as e:
+        return False, f"effkernels._C_sim not built or not importable ({type(e).__name__}: {e})"
+    return True, "effkernels._C_sim built (CUDA kernels on the CPU simulator, torch.ops.effkernels_sim)"
+
+
+@_once
 def flash_attn_status() -> tuple[bool, str]:
     try:
         import flash_attn  # noqa: F401
@@ -193,6 +213,10 @@ def auto_choice(op: str, device: torch.device) -> tuple[str, str]:
         if available("triton", device)[0]:
             return "triton", "triton on a GPU"
         return "reference", "no kernel backend for CUDA here"
+    if torch.compiler.is_compiling():
+        if op in CPP_FASTER_COMPILED_ON_CPU and available("cpp", device)[0]:
+            return "cpp", "under torch.compile: the C++ op measured faster than the compiled reference"
+        return "reference", "under torch.compile: the compiled reference measured faster (inductor fuses it)"
     if op in CPP_FASTER_ON_CPU and available("cpp", device)[0]:
         return "cpp", "C++ CPU path measured faster than the reference"
     return "reference", "no kernel path measured faster on CPU tensors"

@@ -14,6 +14,7 @@ import torch
 
 import effkernels
 from effkernels import backends, ops
+from effkernels.backends import CPP_FASTER_COMPILED_ON_CPU, CPP_FASTER_ON_CPU
 
 CPU = torch.device("cpu")
 OPS = ("route_gather", "route_scatter", "modulate_layernorm", "gated_residual",
@@ -55,6 +56,34 @@ def without_extension(clean_env):
 def test_auto_on_cpu_with_extension(clean_env, with_extension, op):
     assert backends.resolve(op, CPU) == AUTO_CPU_WITH_EXTENSION[op]
     assert backends.resolve(op, CPU, "auto") == AUTO_CPU_WITH_EXTENSION[op]
+
+
+def test_auto_under_torch_compile_on_cpu_picks_what_compiles_faster(clean_env, with_extension):
+    """While dynamo traces, auto on CPU tensors takes the reference (inductor fuses it) except for
+    CPP_FASTER_COMPILED_ON_CPU; eager auto is unchanged. Read from the captured graph's ops."""
+    x, c = torch.randn(2, 16, 32), torch.randn(2, 6 * 32)
+    q, k = torch.randn(2, 2, 16, 16), torch.randn(2, 2, 16, 16)
+    pos = ops.grid_positions(4, 4)
+
+    def f(x, c, q, k):
+        shift, scale = c.chunk(6, -1)[:2]
+        qr, kr = ops.rope2d(q, k, pos)
+        return ops.modulate_layernorm(x, shift, scale).sum() + qr.sum() + kr.sum()
+
+    traced = []
+
+    def record(gm, example_inputs):
+        traced.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    got = torch.compile(f, backend=record, fullgraph=True)(x, c, q, k)
+    ours = {t for t in traced if t.startswith("effkernels.")}
+    assert "effkernels.rope2d.default" in ours  # in CPP_FASTER_COMPILED_ON_CPU
+    assert not any("layernorm" in t for t in ours), ours  # compiled from the reference
+    assert "modulate_layernorm" in CPP_FASTER_ON_CPU and "modulate_layernorm" not in CPP_FASTER_COMPILED_ON_CPU
+    assert backends.resolve("modulate_layernorm", CPU) == "cpp"  # eager: the C++ path
+    torch.testing.assert_close(got, f(x, c, q, k), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("op", sorted(AUTO_CPU_WITHOUT_EXTENSION))
