@@ -32,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -93,8 +94,11 @@ def run_plan(a) -> list[dict]:
     return plan
 
 
-def launch(job: dict, timeout: float | None) -> dict:
-    """One run in a subprocess (the worker below); its log goes to <out>/worker.log."""
+def launch(job: dict, timeout: float | None, started=None) -> dict:
+    """One run in a subprocess (the worker below); its log goes to <out>/worker.log. started(job) is
+    called as it begins."""
+    if started is not None:
+        started(job)
     os.makedirs(job["out"], exist_ok=True)
     spec = os.path.join(job["out"], "job.json")
     with open(spec, "w") as f:
@@ -185,6 +189,24 @@ def worker(spec_path: str) -> int:
 # -----------------------------------------------------------------------------------------------
 
 
+def _clock(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 60}:{s % 60:02d}"
+
+
+def progress_line(r: dict, done: int, total: int, elapsed: float) -> str:
+    """'  done   sit seed 0: FD 7.26, 24 s  [3/8 runs, 1:10 elapsed, ETA 2:20]' for a finished run: its
+    final FD (the last evaluation's) and time, then the job's progress; the ETA assumes the runs
+    left go at the pace of those done (runs finished per second of the job, parallel runs included)."""
+    fd = [p["fd"] for p in collect(r)] if r["rc"] == 0 else []
+    what = (f"FD {fd[-1]:.3g}, " if fd else "") + f"{r['process_wall_s']:.0f} s" if r["rc"] == 0 else \
+        f"FAILED (rc {r['rc']})"
+    left = total - done
+    eta = elapsed / done * left if done else 0.0
+    tail = f"ETA {_clock(eta)}" if left else "all runs done"
+    return f"  done   {r['method']} seed {r['seed']}: {what}  [{done}/{total} runs, {_clock(elapsed)} elapsed, {tail}]"
+
+
 def read_jsonl(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
@@ -227,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once (with --threads 1 on a shared 2-core machine: 2)")
+    p.add_argument("--jobs", default="1",
+                   help="runs at once; 'auto' or 0: the usable cores (each run then wants --threads 1)")
+    p.add_argument("--quiet", action="store_true", help="print only the final table (no progress lines)")
     p.add_argument("--maskdit-finetune", type=float, default=0.2,
                    help="fraction of the budget MaskDiT spends in its unmasked fine-tune stage (0: none)")
     p.add_argument("--erw-fraction", type=float, default=0.2, help="fraction of the budget that is ERW's warm-up")
@@ -256,6 +280,10 @@ def parse_args(argv=None):
         p.error(f"--methods: unknown {unknown or 'empty list'}; known: {', '.join(sorted(METHODS))}")
     if a.evals < 0:
         p.error(f"--evals must be >= 0 (0: no FD evaluation, throughput only), got {a.evals}")
+    try:
+        a.jobs = len(os.sched_getaffinity(0)) if a.jobs in ("auto", "0") else int(a.jobs)
+    except ValueError:
+        p.error(f"--jobs must be a whole number or 'auto', got {a.jobs!r}")
     for name in ("seeds", "steps", "eval_samples", "batch_size", "jobs"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
@@ -272,8 +300,6 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a._worker:
         return worker(a._worker)
-    from tqdm import tqdm
-
     os.makedirs(a.out, exist_ok=True)
     mach = machine()
     prev = os.path.join(a.out, "convergence.json")
@@ -290,16 +316,22 @@ def main(argv=None) -> int:
         results = [{"method": j["method"], "seed": j["seed"], "out": j["out"], "rc": 0, "process_wall_s": 0.0}
                    for j in plan_done]
         plan = []
-    bar = tqdm(total=len(plan), desc=f"runs ({title})", file=sys.stderr, unit="run")
+    say = (lambda *_: None) if a.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if plan:
+        say(f"{title}: {len(plan)} runs, {a.jobs} at a time, {a.threads or 'default'} torch thread(s) each")
+    lock = threading.Lock()
+
+    def started(job):
+        with lock:
+            say(f"  start  {job['method']} seed {job['seed']}")
+
     with cf.ThreadPoolExecutor(max_workers=a.jobs) as ex:
-        futs = [ex.submit(launch, job, a.timeout) for job in plan]
+        futs = [ex.submit(launch, job, a.timeout, started) for job in plan]
         for fut in cf.as_completed(futs):
             r = fut.result()
             results.append(r)
-            bar.set_postfix_str(f"{r['method']} seed {r['seed']}: {'ok' if r['rc'] == 0 else 'FAILED'} "
-                                f"{r['process_wall_s']:.0f}s")
-            bar.update(1)
-    bar.close()
+            with lock:
+                say(progress_line(r, len(results), len(plan), time.time() - t0))
     failed = [r for r in results if r["rc"] != 0]
     for r in failed:
         print(f"run {r['method']} seed {r['seed']} failed (rc {r['rc']}), see {r['out']}/worker.log:\n"

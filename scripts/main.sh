@@ -20,5 +20,7 @@ for arg in "$@"; do
         exec .venv/bin/effkernels-train "$@"
     fi
 done
+# One torch thread per run, as many runs at once as there are usable cores (--jobs N to change it):
+# each run is its own process with fixed seeds, so the numbers equal those of the runs one at a time.
 exec .venv/bin/python bench/convergence.py --seeds 1 --steps 500 --evals 4 --out runs/main \
-    --title "digits 8x8, tiny/2 (16 tokens), main job" "$@"
+    --threads 1 --jobs auto --title "digits 8x8, tiny/2 (16 tokens), main job" "$@"

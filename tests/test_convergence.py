@@ -29,7 +29,14 @@ def test_tiny_budget_writes_every_output(tmp_path, capsys):
             "--batch-size", "8", "--threads", "1", "--jobs", "2", "--out", str(out),
             "--train-args", "--eval-steps 2 --warmup 0 --model-kwargs '{\"depth\": 2, \"hidden_size\": 32, \"num_heads\": 2}'"]
     assert convergence.main(argv) == 0
-    printed = capsys.readouterr().out
+    cap = capsys.readouterr()
+    printed = cap.out
+    # progress on stderr while it works: a line as each run starts and ends (FD, time, runs done, ETA)
+    err = cap.err.splitlines()
+    assert sum(ln.strip().startswith("start ") for ln in err) == 4
+    done = [ln for ln in err if ln.strip().startswith("done ")]
+    assert len(done) == 4 and all(" FD " in ln and " s  [" in ln for ln in done), done
+    assert "[4/4 runs" in done[-1] and "all runs done" in done[-1] and "ETA" in done[0]
     stem = out / "convergence"
     for ext in ("json", "csv", "md", "png"):
         assert (stem.with_suffix("." + ext)).stat().st_size > 0, ext
@@ -72,6 +79,21 @@ def test_tiny_budget_writes_every_output(tmp_path, capsys):
     assert mach["cpu"] in md and "CPU s" in md
     # the trainer's own folders are kept (its metrics.jsonl is where the FD points came from)
     assert (out / "runs" / "ct" / "seed1" / "metrics.jsonl").exists()
+
+    # The same runs one at a time (--jobs 1, --quiet: no progress lines) give the same numbers: every
+    # run is its own process with fixed seeds and one thread.
+    seq = tmp_path / "seq"
+    argv_seq = [*argv[:argv.index("--jobs")], "--jobs", "1", "--quiet", "--out", str(seq),
+                *argv[argv.index("--train-args"):]]
+    assert convergence.main(argv_seq) == 0
+    assert "start " not in capsys.readouterr().err
+    clocks = ("wall_s", "img_per_s", "time", "cpu_s", "s_per_step", "steps_per_s")
+    for m in ("sit", "ct"):
+        for sd in (0, 1):
+            par = convergence.read_jsonl(str(out / "runs" / m / f"seed{sd}" / "metrics.jsonl"))
+            one = convergence.read_jsonl(str(seq / "runs" / m / f"seed{sd}" / "metrics.jsonl"))
+            strip = lambda rows: [{k: v for k, v in r.items() if k not in clocks} for r in rows]  # noqa: E731
+            assert strip(par) == strip(one) and len(par) > 0, (m, sd)
 
 
 def _pts(method, seed, fds, dt=1.0):

@@ -5,6 +5,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from effkernels.models.cache import load_or_fit
 from effkernels.models.data.sources import load_digits
 from effkernels.models.metrics.classifier import Evaluator, class_accuracy, get_classifier, load_feature_net, predict
 from effkernels.models.metrics.frechet import fd_from_features, frechet_distance
@@ -155,3 +156,32 @@ def test_load_or_fit_fits_once_then_loads_and_refits_an_unreadable_file(tmp_path
         f.write(b"not a checkpoint")
     c, _, loaded_c = load_or_fit(path, Net, fit, what="test cache")
     assert not loaded_c and len(calls) == 2 and "test cache" in capsys.readouterr().out
+
+
+def test_a_cached_network_is_fitted_with_one_thread(tmp_path):
+    """load_or_fit fits with one torch thread whatever the caller uses, then gives the caller's count
+    back: sums split over threads round differently (the digits classifier fitted with 2 threads has
+    other weights than with 1), so the cache, and every FD measured with it, would depend on the
+    machine and on the run that happened to fit it."""
+    seen = []
+
+    def build(**config):
+        net = torch.nn.Linear(config["d"], 1)
+        net.config = config
+        return net
+
+    def fit():
+        seen.append(torch.get_num_threads())
+        return build(d=3), {"fitted_with": torch.get_num_threads()}
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        net, info, loaded = load_or_fit(str(tmp_path / "n.pt"), build, fit)
+        assert seen == [1] and info == {"fitted_with": 1} and not loaded
+        assert torch.get_num_threads() == 2
+        again, _, loaded = load_or_fit(str(tmp_path / "n.pt"), build, fit)
+        assert loaded and seen == [1] and torch.equal(again.weight, net.weight)
+    finally:
+        torch.set_num_threads(prev)
+

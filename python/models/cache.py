@@ -21,7 +21,10 @@ def load_or_fit(path: str, build: Callable[..., nn.Module], fit: Callable[[], tu
     """(net, info, loaded): the network saved at `path` ({"config", "state", "info"}, a weights-only
     checkpoint; `build(**config)` makes the module to load into), or `fit()` -> (net with a `.config`
     dict, info) saved there. An unreadable file is refitted, saying so. Building the module to load
-    into leaves the caller's RNG as it was, so a run that loads and one that fits go on alike."""
+    into leaves the caller's RNG as it was, so a run that loads and one that fits go on alike.
+    fit() runs with one torch CPU thread whatever the caller's: float sums split over threads round
+    differently, so a network fitted with 2 threads differs from one fitted with 1 (and every FD
+    measured with it); with one thread the fitted weights are the same on every machine and run."""
     if os.path.isfile(path) and not retrain:
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -31,6 +34,11 @@ def load_or_fit(path: str, build: Callable[..., nn.Module], fit: Callable[[], tu
             return net, dict(blob["info"]), True
         except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as e:
             print(f"{what} {path!r} unreadable ({type(e).__name__}); refitting")
-    net, info = fit()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        net, info = fit()
+    finally:
+        torch.set_num_threads(threads)
     save_checkpoint({"config": net.config, "state": net.state_dict(), "info": info}, path)
     return net, info, False

@@ -41,7 +41,7 @@ from ..cache import cache_dir, load_or_fit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_DAE_VERSION = "v3"  # bump when the autoencoder's architecture or recipe changes: invalidates caches
+_DAE_VERSION = "v4"  # bump when the autoencoder's architecture or recipe changes: invalidates caches
 
 
 class EncoderError(ValueError):

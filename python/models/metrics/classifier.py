@@ -18,7 +18,7 @@ from ..cache import cache_dir, load_or_fit
 from .files import check_file, load_torchscript
 from .frechet import frechet_distance, gaussian_stats
 
-_CLASSIFIER_VERSION = "v3"  # bump when the architecture or training recipe changes: invalidates caches
+_CLASSIFIER_VERSION = "v4"  # bump when the architecture or training recipe changes: invalidates caches
 
 
 # -----------------------------------------------------------------------------------------------
