@@ -4,8 +4,9 @@
 # same short budget (500 steps of batch 64, one seed, FD/accuracy of 500 EMA samples every 125 steps),
 # prints the table (throughput and FLOPs ratios to SiT, FD/accuracy at equal steps, steps and seconds
 # to reach SiT's FD) and writes it with the plots under runs/main/ (convergence.{md,csv,json,png}).
-# Budget: 11 minutes measured on 2 quiet CPU cores (2026-12-01), the first run a few minutes more (it trains
-# and caches the metric's classifier and REPA's digits encoder).
+# Budget: about 5 minutes on 2 quiet CPU cores (2026-12-07, two 1-thread runs at a time), the first run
+# half a minute more (it fits and caches the metric's classifier and REPA's digits encoder). Progress:
+# a line as each run starts and ends, with the job's ETA (--quiet: only the table).
 #
 #   scripts/main.sh                                   # the comparison above
 #   scripts/main.sh --seeds 3 --steps 1000            # options of bench/convergence.py (--help)
