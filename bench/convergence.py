@@ -41,6 +41,8 @@ if HERE not in sys.path:
 
 from _common import machine as common_machine  # noqa: E402
 from convergence_report import render_table, summarise, write_csv, write_plot  # noqa: E402
+from flops_at_scale import BATCH, LATENT, MODEL, NOTES, PEAK_TFLOPS  # noqa: E402
+from flops_at_scale import table as flops_at_scale  # noqa: E402
 
 ALL_METHODS = ("sit", "tread", "maskdit", "repa", "erw", "sra", "ct", "act")
 
@@ -256,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the budget MaskDiT spends in its unmasked fine-tune stage (0: none)")
     p.add_argument("--erw-fraction", type=float, default=0.2, help="fraction of the budget that is ERW's warm-up")
     p.add_argument("--baseline", default="sit")
-    p.add_argument("--no-flops", action="store_true", help="skip the FLOPs count (one extra step per method, first seed, after its run)")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOPs counts (digits: one extra step per method, first seed, after its run; the papers' "
+                        "scale: bench/flops_at_scale.py on the meta device)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per run before it is killed")
     p.add_argument("--out", default="runs/convergence")
     p.add_argument("--title", default=None, help="a label for the outputs (default: data and model)")
@@ -353,15 +356,17 @@ def main(argv=None) -> int:
         mach["elapsed_s"] = time.time() - t0
     config = {k: v for k, v in vars(a).items() if k != "_worker"}
     summary = summarise(points, a.methods, a.baseline, a.steps, flops, totals)
+    scale = None if a.no_flops else flops_at_scale(a.methods)  # seconds: the meta device, no weights
+    setting = f"{MODEL}, {LATENT[1]}x{LATENT[2]}x{LATENT[0]} latents = 256 tokens, batch {BATCH}"
     stem = os.path.join(a.out, "convergence")
     blob = {"title": title, "machine": mach, "config": config, "flops_per_step": flops, "summary": summary,
-            "runs": totals,
+            "runs": totals, "flops_at_scale": {"setting": setting, "peak_tflops": PEAK_TFLOPS, "flops": scale},
             "failed": [{k: r[k] for k in ("method", "seed", "rc", "out")} for r in failed], "points": points}
     with open(stem + ".json", "w") as f:
         json.dump(blob, f, indent=1, default=float)
     write_csv(points, stem + ".csv", mach, title)
     png = write_plot(points, a.methods, stem + ".png", mach, title, baseline=a.baseline)
-    table = render_table(summary, mach, config, title)
+    table = render_table(summary, mach, config, title, scale, setting, PEAK_TFLOPS, NOTES)
     with open(stem + ".md", "w") as f:
         f.write(table)
     print(table)

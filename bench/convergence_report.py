@@ -120,7 +120,41 @@ def machine_line(mach: dict) -> str:
             f"{mach.get('torch')}, Python {mach.get('python')}, {mach.get('date')}{load}")
 
 
-def render_table(summary: dict, mach: dict, config: dict, title: str) -> str:
+def render_scale(summary: dict, scale: dict, setting: str, peak_tflops: float, notes: dict | None = None) -> list[str]:
+    """The FLOPs of each method's step at the papers' scale beside the digits ratios, and what the
+    digits setting can and cannot show, in those numbers."""
+    b = summary["baseline"]
+    base = scale.get(b) if isinstance(scale.get(b), float) else None
+    lines = ["", f"FLOPs per training step at the papers' scale ({setting}; counted on the meta device, "
+             f"no weights; the bound is FLOPs / {peak_tflops:.0f} TFLOP/s, a dense-bf16 H200 at full use):", "",
+             f"| method | digits GFLOP/step (vs {b}) | TFLOP/step at scale | vs {b} | step-time bound |",
+             "|---|---|---|---|---|"]
+    for m, r in summary["methods"].items():
+        v = scale.get(m)
+        gf = r["flops_per_step"]
+        dig = "-" if gf is None else f"{gf / 1e9:.3g} ({_x(r['flops_vs_baseline'])})"
+        if isinstance(v, float):
+            lines.append(f"| {m} | {dig} | {v / 1e12:.1f} | {_x(v / base) if base else '-'} | "
+                         f"{v / (peak_tflops * 1e12) * 1e3:.0f} ms |")
+        else:
+            lines.append(f"| {m} | {dig} | not counted ({v}) | - | - |")
+    told = [f"{m}: {t}" for m, t in (notes or {}).items() if m in summary["methods"]]
+    if told:
+        lines += ["", "At scale, " + "; ".join(told) + "."]
+    saving = [(m, summary["methods"][m]["flops_vs_baseline"], scale.get(m)) for m in ("tread", "maskdit")
+              if m in summary["methods"] and isinstance(scale.get(m), float) and base]
+    if saving:
+        parts = ", ".join(f"{m} {d:.2f}x at 16 tokens but {v / base:.2f}x at scale" for m, d, v in saving
+                          if d is not None)
+        lines += ["", f"What the digits setting can and cannot show: the token-dropping methods' FLOPs per step "
+                  f"relative to {b} are {parts}; at 16 tokens the saving is too small to show in the wall clock, "
+                  "so the digits table compares quality at equal steps, not the speed-ups that 256-token "
+                  "models get."]
+    return lines
+
+
+def render_table(summary: dict, mach: dict, config: dict, title: str, scale: dict | None = None,
+                 scale_setting: str = "", peak_tflops: float = 989.0, scale_notes: dict | None = None) -> str:
     b, steps = summary["baseline"], summary["steps"]
     rows = summary["methods"]
     n_seeds = max((len(r["seeds"]) for r in rows.values()), default=0)
@@ -155,6 +189,8 @@ def render_table(summary: dict, mach: dict, config: dict, title: str) -> str:
             f"{_pm(r['cpu_s_per_step'], r['cpu_s_per_step_sd'])} | {_x(r['cpu_speed_vs_baseline'])} | "
             f"{'-' if gf is None else f'{gf:.3g}'} | {_x(r['flops_vs_baseline'])} | "
             f"{r_step} | {r_wall} | {r_cpu} | {'-' if fd_eq is None else f'{fd_eq:.3g}'} |")
+    if scale:
+        lines += render_scale(summary, scale, scale_setting, peak_tflops, scale_notes)
     # FD at equal steps: every eval point of every method's mean curve
     evsteps = sorted({row["step"] for r in rows.values() for row in r["curve"]})
     if not evsteps:  # a throughput-only run (--evals 0)

@@ -75,8 +75,12 @@ def test_tiny_budget_writes_every_output(tmp_path, capsys):
     md = stem.with_suffix(".md").read_text()
     assert md in printed or md.strip() in printed
     table = [ln for ln in md.splitlines() if ln.startswith("| sit |") or ln.startswith("| ct |")]
-    assert len(table) == 4  # the summary row and the per-step FD row of each method
+    assert len(table) == 6  # the summary row, the FLOPs-at-scale row and the per-step FD row of each method
     assert mach["cpu"] in md and "CPU s" in md
+    # the FLOPs of each method's step at SiT-XL/2 x 256 (meta device), beside the digits ratios
+    scale = blob["flops_at_scale"]
+    assert "SiT-XL/2" in scale["setting"] and scale["flops"]["ct"] > scale["flops"]["sit"] > 1e14
+    assert "TFLOP/step at scale" in md and any(ln.startswith("| ct | ") and " ms |" in ln for ln in md.splitlines())
     # the trainer's own folders are kept (its metrics.jsonl is where the FD points came from)
     assert (out / "runs" / "ct" / "seed1" / "metrics.jsonl").exists()
 

@@ -33,9 +33,11 @@ def draw_route(batch: int, num_tokens: int, keep: int, *, generator: torch.Gener
 
 def complement(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """The positions NOT in idx, per sample, ascending: (B, K) -> (B, N - K) int64."""
-    mask = torch.ones(idx.shape[0], num_tokens, dtype=torch.bool, device=idx.device)
-    mask.scatter_(1, idx.long(), False)
-    return mask.nonzero()[:, 1].view(idx.shape[0], num_tokens - idx.shape[1])
+    mask = torch.ones(idx.shape[0], num_tokens, dtype=torch.uint8, device=idx.device)
+    mask.scatter_(1, idx.long(), 0)
+    # the kept-out positions first, in ascending order (a stable sort); no nonzero(), so the output's
+    # shape never depends on the values (torch.compile, the meta device)
+    return mask.argsort(dim=1, descending=True, stable=True)[:, :num_tokens - idx.shape[1]]
 
 
 def inverse(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
