@@ -87,13 +87,15 @@ def test_tiny_budget_writes_every_output(tmp_path, capsys):
     # The same runs one at a time (--jobs 1, --quiet: no progress lines) give the same numbers: every
     # run is its own process with fixed seeds and one thread.
     seq = tmp_path / "seq"
+    # (seed 0 of each method is enough to compare: it halves the test's second half)
     argv_seq = [*argv[:argv.index("--jobs")], "--jobs", "1", "--quiet", "--out", str(seq),
                 *argv[argv.index("--train-args"):]]
+    argv_seq[argv_seq.index("--seeds") + 1] = "1"
     assert convergence.main(argv_seq) == 0
     assert "start " not in capsys.readouterr().err
     clocks = ("wall_s", "img_per_s", "time", "cpu_s", "s_per_step", "steps_per_s")
     for m in ("sit", "ct"):
-        for sd in (0, 1):
+        for sd in (0,):
             par = convergence.read_jsonl(str(out / "runs" / m / f"seed{sd}" / "metrics.jsonl"))
             one = convergence.read_jsonl(str(seq / "runs" / m / f"seed{sd}" / "metrics.jsonl"))
             strip = lambda rows: [{k: v for k, v in r.items() if k not in clocks} for r in rows]  # noqa: E731
