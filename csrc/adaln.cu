@@ -132,8 +132,8 @@ template <typename T> void gr_fwd_cpu(const LnArgs<T>& a) {
 // Sum the partials in (b, p) order into the broadcast gradients; same function on both devices.
 template <typename T> EK_HD void finalize_one(const float* part, int64_t B, int64_t P, int64_t D, int slot,
                                               int64_t bi, int64_t d, T* dst) {
-  if (bi >= 0) *dst = from_acc<T>(sum_partials<float>(part + (bi * P * kSlots + slot) * D + d, P, kSlots * D));
-  else *dst = from_acc<T>(sum_partials<float>(part + slot * D + d, B * P, kSlots * D));
+  if (bi >= 0) gstore(dst, from_acc<T>(sum_partials<float>(part + (bi * P * kSlots + slot) * D + d, P, kSlots * D)));
+  else gstore(dst, from_acc<T>(sum_partials<float>(part + slot * D + d, B * P, kSlots * D)));
 }
 
 template <typename T> void finalize_cpu(const LnArgs<T>& a, bool gate) {

@@ -67,7 +67,7 @@ template <typename T, int V, bool FUSED> __global__ void ln_fwd_kernel(LnArgs<T>
     for (int j = 0; j < V; ++j) q += (xs[j] - mu) * (xs[j] - mu);
   }
   const acc rs = ln_rstd<acc>(warp_sum(q), a.D, a.eps);
-  if (lane == 0) { a.mean[r] = mu; a.rstd[r] = rs; }
+  if (lane == 0) { gstore(a.mean + r, mu); gstore(a.rstd + r, rs); }
   for (int64_t d = lane * V; d < a.D; d += kWarp * V) {
     Ld<T, V>::get(src + d, xs);
     Ld<T, V>::get(a.shift.row(bi, n) + d, shs);
@@ -89,7 +89,7 @@ template <typename T, int V, bool FUSED> __global__ void ln_bwd_row_kernel(LnArg
   if (r >= a.B * a.N) return;
   const int64_t bi = r / a.N, n = r % a.N;
   const int lane = threadIdx.x;
-  const acc mu = a.mean[r], rs = a.rstd[r];
+  const acc mu = gload(a.mean + r), rs = gload(a.rstd + r);
   acc xs[V], gos[V], scs[V], ws[V], bs[V], t[V];
   acc sg = 0, sgx = 0;
   for (int64_t d = lane * V; d < a.D; d += kWarp * V) {
@@ -108,7 +108,7 @@ template <typename T, int V, bool FUSED> __global__ void ln_bwd_row_kernel(LnArg
   }
   sg = warp_sum(sg);
   sgx = warp_sum(sgx);
-  if (FUSED && rowsum && lane == 0) { rowsum[2 * r] = sg; rowsum[2 * r + 1] = sgx; }
+  if (FUSED && rowsum && lane == 0) { gstore(rowsum + 2 * r, sg); gstore(rowsum + 2 * r + 1, sgx); }
   for (int64_t d = lane * V; d < a.D; d += kWarp * V) {
     Ld<T, V>::get(a.x.row(bi, n) + d, xs);
     Ld<T, V>::get(a.dout.row(bi, n) + d, gos);
@@ -146,39 +146,42 @@ template <typename T, int V, bool FUSED> __global__ void ln_bwd_row_kernel(LnArg
 
 // Per-sample/affine reductions: thread per column, rows [p*chunk, (p+1)*chunk) of sample b.
 // MODE 0: LayerNorm backward, 1: fused backward, 2: gated-residual backward (gate only).
+// Grid (B * P, ceil(D / kColThreads)): the (sample, chunk) pairs on x, whose limit is 2^31 - 1
+// (y and z stop at 65535, which B or P alone can pass).
 template <typename T, int MODE> __global__ void col_kernel(LnArgs<T> a, const float* rowsum) {
-  const int64_t d = static_cast<int64_t>(blockIdx.x) * kColThreads + threadIdx.x;
+  const int64_t d = static_cast<int64_t>(blockIdx.y) * kColThreads + threadIdx.x;
   if (d >= a.D) return;
-  const int64_t bi = blockIdx.z, p = blockIdx.y;
-  const acc w = a.w ? to_acc<acc>(a.w[d]) : acc(1), bb = a.b ? to_acc<acc>(a.b[d]) : acc(0);
+  const int64_t bi = blockIdx.x / a.P, p = blockIdx.x % a.P;
+  const acc w = a.w ? to_acc<acc>(gload(a.w + d)) : acc(1), bb = a.b ? to_acc<acc>(gload(a.b + d)) : acc(0);
   acc s_shift = 0, s_scale = 0, s_gate = 0, s_w = 0, s_b = 0;
   const int64_t n1 = (p + 1) * a.chunk < a.N ? (p + 1) * a.chunk : a.N;
   for (int64_t n = p * a.chunk; n < n1; ++n) {
-    const acc go = to_acc<acc>(a.dout.row(bi, n)[d]);
+    const acc go = to_acc<acc>(gload(a.dout.row(bi, n) + d));
     if constexpr (MODE == 2) {
-      s_gate += go * to_acc<acc>(a.y.row(bi, n)[d]);
+      s_gate += go * to_acc<acc>(gload(a.y.row(bi, n) + d));
       continue;
     } else {
       const int64_t r = bi * a.N + n;
-      const acc xh = (to_acc<acc>(a.x.row(bi, n)[d]) - a.mean[r]) * a.rstd[r];
-      const acc sc = to_acc<acc>(a.scale.row(bi, n)[d]);
+      const acc rs = gload(a.rstd + r);
+      const acc xh = (to_acc<acc>(gload(a.x.row(bi, n) + d)) - gload(a.mean + r)) * rs;
+      const acc sc = to_acc<acc>(gload(a.scale.row(bi, n) + d));
       s_shift += go;
       s_scale += LnParamGrads::dscale<acc>(go, xh, w, bb);
       s_w += LnParamGrads::dweight<acc>(go, xh, sc);
       s_b += LnParamGrads::dbias<acc>(go, sc);
       if (MODE == 1 && !a.gate_tok) {
-        acc dt = ln_bwd_dx<acc>(ln_bwd_g<acc>(go, w, sc), xh, a.rstd[r], rowsum[2 * r], rowsum[2 * r + 1], a.D);
-        dt += to_acc<acc>(a.dh.row(bi, n)[d]);
-        s_gate += dt * to_acc<acc>(a.y.row(bi, n)[d]);
+        acc dt = ln_bwd_dx<acc>(ln_bwd_g<acc>(go, w, sc), xh, rs, gload(rowsum + 2 * r), gload(rowsum + 2 * r + 1), a.D);
+        dt += to_acc<acc>(gload(a.dh.row(bi, n) + d));
+        s_gate += dt * to_acc<acc>(gload(a.y.row(bi, n) + d));
       }
     }
   }
   float* part = a.part + (bi * a.P + p) * kSlots * a.D + d;
-  part[kShift * a.D] = s_shift;
-  part[kScale * a.D] = s_scale;
-  part[kGate * a.D] = s_gate;
-  part[kWeight * a.D] = s_w;
-  part[kBias * a.D] = s_b;
+  gstore(part + kShift * a.D, s_shift);
+  gstore(part + kScale * a.D, s_scale);
+  gstore(part + kGate * a.D, s_gate);
+  gstore(part + kWeight * a.D, s_w);
+  gstore(part + kBias * a.D, s_b);
 }
 
 template <typename T> __global__ void finalize_kernel(LnArgs<T> a, bool gate) {
@@ -256,7 +259,7 @@ template <typename T> void finalize_cuda(const LnArgs<T>& a, bool gate) {
 }
 
 template <typename T, int MODE> void col_cuda(const LnArgs<T>& a, const float* rowsum) {
-  dim3 grid(blocks_for(a.D, kColThreads), static_cast<unsigned>(a.P), static_cast<unsigned>(a.B));
+  dim3 grid(static_cast<unsigned>(a.B * a.P), blocks_for(a.D, kColThreads));
   EK_LAUNCH(grid, kColThreads, EK_STREAM(), col_kernel<T, MODE>)(a, rowsum);
   EK_LAUNCH_CHECK();
 }

@@ -72,9 +72,9 @@ template <typename TA, typename TB, int V, bool BWD> __global__ void cos_kernel(
   }
   const CosRow<acc> c = cos_row<acc>(warp_sum(dot), warp_sum(saa), warp_sum(sbb), p.eps);
   if constexpr (!BWD) {
-    if (threadIdx.x == 0) p.cos[r] = c.cos;
+    if (threadIdx.x == 0) gstore(p.cos + r, c.cos);
   } else {
-    const acc g = p.dcos[bi * p.dsb + n * p.dsn];
+    const acc g = gload(p.dcos + bi * p.dsb + n * p.dsn);
     TA* o = p.da.row(bi, n);
     for (int64_t d = threadIdx.x * V; d < p.D; d += kWarp * V) {
       const Vec<TA, V> va = vload<TA, V>(a + d);

@@ -1,16 +1,19 @@
-"""How setup.py builds the optional extension effkernels._C (called as `build_kwargs()`).
+"""How setup.py builds the optional extensions (called as `build_kwargs()`): effkernels._C (the C++
+CPU paths and, with nvcc, the CUDA kernels) and effkernels._C_sim (the same CUDA kernels compiled by
+g++ for the CUDA execution simulator in csrc/sim/, for the tests; see docs/cuda-simulator.md).
 
 Environment:
   EFFKERNELS_BUILD_EXT=0      no extension at all (setup.py checks this before importing us)
   EFFKERNELS_BUILD_CUDA=0     C++ CPU paths only, with g++, even where nvcc exists
+  EFFKERNELS_BUILD_SIM=0      no simulator build
   EFFKERNELS_CUDA_ARCHS       e.g. "8.0;9.0" (the default), "9.0a", "8.0;9.0+PTX"
   CUDA_HOME                   defaults to /usr/local/cuda when unset and that folder exists
   MAX_JOBS                    parallel compiles (ninja -j), read by torch's BuildExtension
 
 With nvcc, kernels get -lineinfo and -Xptxas -v; the ptxas report (registers, spills per kernel)
 is kept in build/effkernels_ptxas.log (PTXAS_LOG), which tests/test_ext_build.py checks for spills.
-A failed build never fails the install: it prints a warning, leaves effkernels._C out, and
-effkernels.backends reports the extension missing.
+A failed build never fails the install: it prints a warning, leaves that extension out, and
+effkernels.backends reports it missing (each extension on its own: a failed simulator build keeps _C).
 """
 from __future__ import annotations
 
@@ -117,6 +120,18 @@ def build_kwargs() -> dict:
             extra_link_args=["-fopenmp"],
         )
     print(f"effkernels: building effkernels._C ({'CUDA + C++' if cuda else 'C++ CPU only'}: {why})")
+    exts = [ext]
+    if os.environ.get("EFFKERNELS_BUILD_SIM", "1") != "0":
+        # The family sources once more, under g++ with EFFK_SIM: the launch layer (csrc/launch.h) then
+        # runs every kernel on csrc/sim/runtime.cpp. -O2, not -O3: it builds faster and the simulated
+        # kernels are not what is timed.
+        exts.append(CppExtension(
+            "effkernels._C_sim",
+            sources=_sources(*(f"sim/{x}.cpp" for x in ("bindings", *FAMILIES, "runtime", "module"))),
+            extra_compile_args={"cxx": ["-O2", "-fopenmp", "-DNDEBUG", "-DEFFK_SIM"]},
+            extra_link_args=["-fopenmp"],
+        ))
+        print("effkernels: building effkernels._C_sim (the CUDA kernels on the CPU execution simulator)")
 
     class OptionalBuildExt(BuildExtension):
         """torch's BuildExtension (ninja), with a variant-specific build folder, the ptxas log, and
@@ -126,6 +141,26 @@ def build_kwargs() -> dict:
             super().finalize_options()
             # The CPU-only and CUDA variants must not share objects.
             self.build_temp = os.path.join(self.build_temp, "cuda" if cuda else "cpu")
+
+        def build_extension(self, ext_):
+            try:
+                super().build_extension(ext_)
+            except Exception:  # a missing compiler, a compile error, a link error
+                traceback.print_exc()
+                self._warn_failed(ext_)
+
+        def _warn_failed(self, ext_):
+            if ext_ not in self._failed:
+                msg = (f"effkernels: WARNING: building {ext_.name} failed; installing "
+                       "without it. The reference and Triton backends still work; see `python -m effkernels`. "
+                       "EFFKERNELS_BUILD_EXT=0 skips this build, EFFKERNELS_BUILD_CUDA=0 builds the CPU part "
+                       "only, EFFKERNELS_BUILD_SIM=0 skips the simulator.")
+                print(msg, file=sys.stderr)
+                self._failed.append(ext_)
+            # A library left in build/lib by an earlier build would otherwise ship as if new.
+            stale = self.get_ext_fullpath(ext_.name)
+            if os.path.exists(stale):
+                os.remove(stale)
 
         def build_extensions(self):
             orig_nvcc = os.environ.get("PYTORCH_NVCC")
@@ -141,24 +176,19 @@ def build_kwargs() -> dict:
                 # ninja rebuilds nothing when sources are unchanged, which would leave the log
                 # empty; a fresh object folder keeps the log complete for every build.
                 shutil.rmtree(self.build_temp, ignore_errors=True)
+            self._failed = []
             try:
                 super().build_extensions()
-            except Exception as e:  # a missing compiler, a compile error, a link error
+            except Exception:  # before any extension (torch's compiler check): all of them failed
                 traceback.print_exc()
-                msg = (f"effkernels: WARNING: building effkernels._C failed ({type(e).__name__}); installing "
-                       "without it. The reference and Triton backends still work; see `python -m effkernels`. "
-                       "EFFKERNELS_BUILD_EXT=0 skips this build, EFFKERNELS_BUILD_CUDA=0 builds the CPU part only.")
-                print(msg, file=sys.stderr)
                 for ext_ in self.extensions:
-                    # A library left in build/lib by an earlier build would otherwise ship as if new.
-                    stale = self.get_ext_fullpath(ext_.name)
-                    if os.path.exists(stale):
-                        os.remove(stale)
-                self.extensions = []  # nothing to copy in place or list as an output
+                    self._warn_failed(ext_)
             finally:
+                # nothing to copy in place or list as an output for a failed one
+                self.extensions = [e for e in self.extensions if e not in self._failed]
                 if orig_nvcc is None:
                     os.environ.pop("PYTORCH_NVCC", None)
                 else:
                     os.environ["PYTORCH_NVCC"] = orig_nvcc
 
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}}
+    return {"ext_modules": exts, "cmdclass": {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}}

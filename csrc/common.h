@@ -84,10 +84,22 @@ inline int64_t row_grain(int64_t D) { return std::max<int64_t>(16, 32768 / std::
 constexpr int64_t kCpuRowChunk = 32;
 inline int64_t num_chunks(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }
 
+// Scalar global-memory accesses of the code CUDA kernels run (vector ones are vload/vstore below):
+// the simulator checks them like any device access (alignment, bounds, one writer per element);
+// in every other build they are a plain load and store.
+template <typename T> EK_HD T gload(const T* p) {
+  EK_SIM_ACCESS(p, sizeof(T), false);
+  return *p;
+}
+template <typename T> EK_HD void gstore(T* p, T v) {
+  EK_SIM_ACCESS(p, sizeof(T), true);
+  *p = v;
+}
+
 // Sum of P partials spaced `stride` apart, in index order (deterministic).
 template <typename A> EK_HD A sum_partials(const A* part, int64_t count, int64_t stride) {
   A s = A(0);
-  for (int64_t i = 0; i < count; ++i) s += part[i * stride];
+  for (int64_t i = 0; i < count; ++i) s += gload(part + i * stride);
   return s;
 }
 
@@ -109,7 +121,8 @@ constexpr int kWarp = 32;
 
 template <typename A> __device__ __forceinline__ A warp_sum(A v) {
 #pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o + EK_SIM_BREAK(1));
+  // fault 1 (simulator self-test only): offset 1 becomes 0, so odd and even lanes are never summed
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o & ~EK_SIM_BREAK(1));
   return v;
 }
 
@@ -128,6 +141,7 @@ template <typename T, int V> __device__ __forceinline__ void vstore(T* p, const 
 // Can rows of this tensor be read V elements at a time: aligned base, row strides multiples of V.
 inline bool vec_ok(const at::Tensor& t, int V) {
   if (!t.defined()) return true;
+  if (EK_SIM_BREAK(3)) return true;  // the simulator's self-test: a vector path on misaligned rows
   if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % (t.element_size() * V) != 0) return false;
   for (int64_t i = 0; i + 1 < t.dim(); ++i)
     if (t.size(i) > 1 && t.stride(i) % V != 0) return false;

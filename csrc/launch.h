@@ -14,7 +14,8 @@
 //   EK_LAUNCH_CHECK()             after each launch (sim: errors were raised by the launch itself)
 //   EK_ON_DEVICE(t)               does tensor t take the CUDA path (sim: every tensor does)
 //   EK_KERNEL_ASSERT(cond)        device-side assert (sim: an error naming kernel, block and thread)
-//   EK_SIM_ACCESS(p, bytes, w)    in vload/vstore: the simulator checks alignment, bounds and writers
+//   EK_SIM_ACCESS(p, bytes, w)    in vload/vstore and gload/gstore (common.h): the simulator checks
+//                                 alignment, bounds and writers; nothing in every other build
 //   EK_SIM_BREAK(n)               0 in every real build; in the simulator build, 1 while the
 //                                 simulator's self-test switched fault n on (sim/sim.h lists them)
 //   EK_LIB                        the torch.library namespace of the ops (effkernels_C, or
@@ -64,4 +65,5 @@
 #else  // g++ without the simulator: C++ CPU paths only, no CUDA launch code
 #define EK_ON_DEVICE(t) ((void)(t), false)
 #define EK_SIM_BREAK(n) 0
+#define EK_SIM_ACCESS(p, bytes, write) ((void)0)
 #endif

@@ -32,8 +32,8 @@ template <typename T> Rows<T> rwr(const Tensor& t) { return t.defined() ? rows_o
 // devices. bi >= 0: per-sample (over that sample's P chunks), bi < 0: over every chunk (the weight).
 template <typename T> EK_HD void rms_finalize_one(const float* part, int64_t B, int64_t P, int64_t D, int slot,
                                                   int64_t bi, int64_t d, T* dst) {
-  if (bi >= 0) *dst = from_acc<T>(sum_partials<float>(part + (bi * P * kRmsSlots + slot) * D + d, P, kRmsSlots * D));
-  else *dst = from_acc<T>(sum_partials<float>(part + slot * D + d, B * P, kRmsSlots * D));
+  if (bi >= 0) gstore(dst, from_acc<T>(sum_partials<float>(part + (bi * P * kRmsSlots + slot) * D + d, P, kRmsSlots * D)));
+  else gstore(dst, from_acc<T>(sum_partials<float>(part + slot * D + d, B * P, kRmsSlots * D)));
 }
 
 // ---------------------------------------------------------------------------------------------

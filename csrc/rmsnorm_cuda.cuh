@@ -70,7 +70,7 @@ template <typename T, int V, bool FUSED> __global__ void rms_fwd_kernel(RmsArgs<
     }
   }
   const acc rs = rms_rstd<acc>(warp_sum(q), a.D, a.eps);
-  if (lane == 0) a.rstd[r] = rs;
+  if (lane == 0) gstore(a.rstd + r, rs);
   for (int64_t d = lane * V; d < a.D; d += kWarp * V) {
     RLd<T, V>::get(src + d, xs);
     RLd<T, V>::get(a.shift.row(bi, n) + d, shs);
@@ -89,7 +89,7 @@ template <typename T, int V, bool FUSED> __global__ void rms_bwd_row_kernel(RmsA
   if (r >= a.B * a.N) return;
   const int64_t bi = r / a.N, n = r % a.N;
   const int lane = threadIdx.x;
-  const acc rs = a.rstd[r];
+  const acc rs = gload(a.rstd + r);
   acc xs[V], gos[V], scs[V], ws[V], t[V];
   acc sgx = 0;
   for (int64_t d = lane * V; d < a.D; d += kWarp * V) {
@@ -101,7 +101,7 @@ template <typename T, int V, bool FUSED> __global__ void rms_bwd_row_kernel(RmsA
     for (int j = 0; j < V; ++j) sgx += rms_bwd_g<acc>(gos[j], ws[j], scs[j]) * xs[j] * rs;
   }
   sgx = warp_sum(sgx);
-  if (FUSED && rowsum && lane == 0) rowsum[r] = sgx;
+  if (FUSED && rowsum && lane == 0) gstore(rowsum + r, sgx);
   for (int64_t d = lane * V; d < a.D; d += kWarp * V) {
     RLd<T, V>::get(a.x.row(bi, n) + d, xs);
     RLd<T, V>::get(a.dout.row(bi, n) + d, gos);
@@ -137,32 +137,34 @@ template <typename T, int V, bool FUSED> __global__ void rms_bwd_row_kernel(RmsA
 }
 
 // Per-sample and weight reductions: thread per column, rows [p*chunk, (p+1)*chunk) of sample b.
+// Grid (B * P, ceil(D / kRmsColThreads)): (sample, chunk) pairs on x, as the adaLN column kernel.
 template <typename T, bool FUSED> __global__ void rms_col_kernel(RmsArgs<T> a, const float* rowsum) {
-  const int64_t d = static_cast<int64_t>(blockIdx.x) * kRmsColThreads + threadIdx.x;
+  const int64_t d = static_cast<int64_t>(blockIdx.y) * kRmsColThreads + threadIdx.x;
   if (d >= a.D) return;
-  const int64_t bi = blockIdx.z, p = blockIdx.y;
-  const acc w = a.w ? to_acc<acc>(a.w[d]) : acc(1);
+  const int64_t bi = blockIdx.x / a.P, p = blockIdx.x % a.P;
+  const acc w = a.w ? to_acc<acc>(gload(a.w + d)) : acc(1);
   acc s_shift = 0, s_scale = 0, s_gate = 0, s_w = 0;
   const int64_t n1 = (p + 1) * a.chunk < a.N ? (p + 1) * a.chunk : a.N;
   for (int64_t n = p * a.chunk; n < n1; ++n) {
     const int64_t r = bi * a.N + n;
-    const acc go = to_acc<acc>(a.dout.row(bi, n)[d]);
-    const acc xh = to_acc<acc>(a.x.row(bi, n)[d]) * a.rstd[r];
-    const acc sc = to_acc<acc>(a.scale.row(bi, n)[d]);
+    const acc go = to_acc<acc>(gload(a.dout.row(bi, n) + d));
+    const acc rs = gload(a.rstd + r);
+    const acc xh = to_acc<acc>(gload(a.x.row(bi, n) + d)) * rs;
+    const acc sc = to_acc<acc>(gload(a.scale.row(bi, n) + d));
     s_shift += go;
     s_scale += RmsParamGrads::dscale<acc>(go, xh, w);
     s_w += RmsParamGrads::dweight<acc>(go, xh, sc);
     if (FUSED && !a.gate_tok) {
-      acc dt = rms_bwd_dx<acc>(rms_bwd_g<acc>(go, w, sc), xh, a.rstd[r], rowsum[r], a.D);
-      dt += to_acc<acc>(a.dh.row(bi, n)[d]);
-      s_gate += dt * to_acc<acc>(a.y.row(bi, n)[d]);
+      acc dt = rms_bwd_dx<acc>(rms_bwd_g<acc>(go, w, sc), xh, rs, gload(rowsum + r), a.D);
+      dt += to_acc<acc>(gload(a.dh.row(bi, n) + d));
+      s_gate += dt * to_acc<acc>(gload(a.y.row(bi, n) + d));
     }
   }
   float* part = a.part + (bi * a.P + p) * kRmsSlots * a.D + d;
-  part[kRmsShift * a.D] = s_shift;
-  part[kRmsScale * a.D] = s_scale;
-  part[kRmsGate * a.D] = s_gate;
-  part[kRmsWeight * a.D] = s_w;
+  gstore(part + kRmsShift * a.D, s_shift);
+  gstore(part + kRmsScale * a.D, s_scale);
+  gstore(part + kRmsGate * a.D, s_gate);
+  gstore(part + kRmsWeight * a.D, s_w);
 }
 
 template <typename T> __global__ void rms_finalize_kernel(RmsArgs<T> a, bool gate) {
@@ -194,7 +196,7 @@ template <typename T, bool FUSED> void rms_bwd_cuda(const RmsArgs<T>& a, int V, 
   else EK_LAUNCH(rms_row_grid(a.B * a.N), rms_row_block(), EK_STREAM(), rms_bwd_row_kernel<T, 1, FUSED>)(a, rowsum);
   EK_LAUNCH_CHECK();
   if (!need_cols) return;
-  dim3 grid(blocks_for(a.D, kRmsColThreads), static_cast<unsigned>(a.P), static_cast<unsigned>(a.B));
+  dim3 grid(static_cast<unsigned>(a.B * a.P), blocks_for(a.D, kRmsColThreads));
   EK_LAUNCH(grid, kRmsColThreads, EK_STREAM(), rms_col_kernel<T, FUSED>)(a, rowsum);
   EK_LAUNCH_CHECK();
   EK_LAUNCH(blocks_for(a.B * a.D, 256), 256, EK_STREAM(), rms_finalize_kernel<T>)(a, FUSED);

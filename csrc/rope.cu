@@ -43,14 +43,14 @@ template <typename T, typename I> EK_HD void rope_pair(const RopeArgs<T, I>& a, 
     const T* x = a.q + off3(a.sq, b, h, n) + 2 * kk;
     T* o = a.qo + off3(a.sqo, b, h, n) + 2 * kk;
     acc o0, o1;
-    rope_rotate<acc>(to_acc<acc>(x[0]), to_acc<acc>(x[1]), c, s, o0, o1);
-    o[0] = from_acc<T>(o0);
-    o[1] = from_acc<T>(o1);
+    rope_rotate<acc>(to_acc<acc>(gload(x)), to_acc<acc>(gload(x + 1)), c, s, o0, o1);
+    gstore(o, from_acc<T>(o0));
+    gstore(o + 1, from_acc<T>(o1));
     const T* y = a.k + off3(a.sk, b, h, n) + 2 * kk;
     T* p = a.ko + off3(a.sko, b, h, n) + 2 * kk;
-    rope_rotate<acc>(to_acc<acc>(y[0]), to_acc<acc>(y[1]), c, s, o0, o1);
-    p[0] = from_acc<T>(o0);
-    p[1] = from_acc<T>(o1);
+    rope_rotate<acc>(to_acc<acc>(gload(y)), to_acc<acc>(gload(y + 1)), c, s, o0, o1);
+    gstore(p, from_acc<T>(o0));
+    gstore(p + 1, from_acc<T>(o1));
   }
 }
 
@@ -67,7 +67,7 @@ template <typename T, typename I> void rope_cpu(const RopeArgs<T, I>& a) {
       const I* pp = a.pos + b * a.sp[0] + n * a.sp[1];
       for (int64_t kk = 0; kk < a.P; ++kk) {
         float s, c;
-        rope_sincos(rope_angle<I>(pp[0], pp[a.sp[2]], kk, a.PR, a.inv[kk]), s, c);
+        rope_sincos(rope_angle<I>(gload(pp), gload(pp + a.sp[2]), kk, a.PR, gload(a.inv + kk)), s, c);
         cs[2 * kk] = c;
         cs[2 * kk + 1] = s * a.sin_sign;
       }
@@ -104,7 +104,7 @@ template <typename T, typename I> __global__ void rope_kernel(RopeArgs<T, I> a) 
     const int64_t b = t / a.N, n = t - b * a.N;
     const I* pp = a.pos + b * a.sp[0] + n * a.sp[1];
     float s, c;
-    rope_sincos(rope_angle<I>(pp[0], pp[a.sp[2]], kk, a.PR, a.inv[kk]), s, c);
+    rope_sincos(rope_angle<I>(gload(pp), gload(pp + a.sp[2]), kk, a.PR, gload(a.inv + kk)), s, c);
     rope_pair<T, I>(a, b, n, kk, c, s * a.sin_sign);
   }
 }

@@ -20,7 +20,7 @@ enum RouteMode : int { kGather = 0, kScatter = 1, kCopy = 2 };
 // Row numbers of the k-th copy of sample b; false when the index is out of range.
 template <typename I> EK_HD bool route_rows(int mode, const I* idx, int64_t b, int64_t k, int64_t K, int64_t N,
                                             int64_t* src_n, int64_t* dst_n) {
-  const int64_t j = mode == kCopy ? k : static_cast<int64_t>(idx[b * K + k]);
+  const int64_t j = mode == kCopy ? k : static_cast<int64_t>(gload(idx + b * K + k));
   *src_n = mode == kGather ? j : k;
   *dst_n = mode == kGather ? k : j;
   return j >= 0 && j < N;
@@ -59,7 +59,7 @@ template <typename T, typename I, int V> __global__ void route_kernel(RouteArgs<
   const bool ok = route_rows<I>(a.mode, a.idx, b, k, a.K, a.N, &s, &d);
   EK_KERNEL_ASSERT(ok && "idx value out of range");
   if (!ok) return;
-  T* dst = a.dst.row(b, d);
+  T* dst = a.dst.row(b, d & ~static_cast<int64_t>(EK_SIM_BREAK(4)));  // fault 4: rows d and d^1 onto one
   Vec<T, V> zero;
 #pragma unroll
   for (int j = 0; j < V; ++j) zero.v[j] = T(0);

@@ -116,7 +116,7 @@ void check_rows(const Tensor& t, const Tensor& a, const char* name) {
 
 // 16-byte vectors when H divides and every row of every operand starts aligned (CUDA only).
 int swiglu_vec(const Tensor& a, std::initializer_list<Tensor> ts) {
-#ifdef EK_NVCC
+#ifdef EK_CUDA
   const int V = static_cast<int>(16 / a.element_size());
   if (a.size(2) % V != 0) return 1;
   for (const Tensor& t : ts)

@@ -40,7 +40,7 @@ def render(rows: list[list[str]], head: list[str]) -> str:
 def report() -> str:
     out = [f"effkernels {__version__}  python {platform.python_version()}  torch {torch.__version__}"]
     for name, (ok, why) in (("triton", backends.triton_status()), ("extension", backends.extension_status()),
-                            ("flash-attn", backends.flash_attn_status())):
+                            ("simulator", backends.simulator_status()), ("flash-attn", backends.flash_attn_status())):
         out.append(f"  {name:<10} {'ok ' if ok else 'no '} {why}")
     out.append(f"  TRITON_INTERPRET={'1' if backends.interpreter_on() else '0'}  "
                f"requested backend: {backends.requested_backend(None)}")

@@ -26,7 +26,7 @@ for f in sorted([pathlib.Path("pyproject.toml"), pathlib.Path("setup.py"), *path
     if f.is_file() and "__pycache__" not in f.parts:
         h.update(str(f).encode() + f.read_bytes())
 for k in sorted(os.environ):
-    if k in ("EFFKERNELS_BUILD_EXT", "EFFKERNELS_BUILD_CUDA", "EFFKERNELS_CUDA_ARCHS", "CUDA_HOME"):
+    if k in ("EFFKERNELS_BUILD_EXT", "EFFKERNELS_BUILD_CUDA", "EFFKERNELS_BUILD_SIM", "EFFKERNELS_CUDA_ARCHS", "CUDA_HOME"):
         h.update(f"{k}={os.environ[k]}".encode())
 print(h.hexdigest())
 PY

@@ -2,7 +2,8 @@
 opcheck on every effkernels_C op, out= poisoning, determinism and error paths.
 
 These run the __host__ __device__ arithmetic shared with the CUDA kernels (csrc/adaln_math.h), not
-the CUDA launches themselves (vector loads, warp reductions): those need a GPU.
+the CUDA launches themselves (vector loads, warp reductions): those run on a GPU here and, on every
+machine, on the CUDA execution simulator (tests/test_cuda_sim.py).
 """
 import pytest
 import torch
@@ -106,7 +107,15 @@ def _mods(kind, B, N, D, dtype, n=3):
 
 
 def _leaf(t):
-    return t.detach().clone().requires_grad_() if t is not None else None
+    """A leaf copy of t with t's layout: strides (adaLN chunks) and storage offset (misaligned rows),
+    which clone() would drop, so the kernels see the layout the test asked for."""
+    if t is None:
+        return None
+    s = t.detach()
+    u = torch.empty(s.untyped_storage().nbytes() // s.element_size(), dtype=s.dtype, device=s.device)
+    u = u.as_strided(s.shape, s.stride(), s.storage_offset())
+    u.copy_(s)
+    return u.requires_grad_()
 
 
 def _leaf64(t):
@@ -378,48 +387,65 @@ _GPU = pytest.mark.skipif(not (torch.cuda.is_available() and backends.extension_
                           reason="needs a GPU and an extension built with nvcc")
 
 
-def _maybe_misaligned(shape, dtype, misalign):
+def _maybe_misaligned(shape, dtype, misalign, device):
     """A tensor whose rows start one element off 16-byte alignment: forces the scalar (V=1) path."""
     n = 1
     for s in shape:
         n *= s
     if not misalign:
-        return torch.randn(shape, dtype=dtype, device="cuda")
-    return torch.randn(n + 1, dtype=dtype, device="cuda")[1:].view(shape)
+        return torch.randn(shape, dtype=dtype, device=device)
+    return torch.randn(n + 1, dtype=dtype, device=device)[1:].view(shape)
+
+
+CUDA_CASES = [(dtype, D, mod, misalign) for dtype in DTYPES for D in (1, 17, 384, 1000, 1152)
+              for mod in ("token", "chunk") for misalign in (False, True)]
+
+
+def check_cuda_kernels(seed, dtype, D, mod, misalign, device, backend):
+    """The adaLN family, the cosine loss and routing through the CUDA kernels (on a GPU, or on the
+    CUDA simulator: tests/test_cuda_sim.py) against the reference, forward and backward. N = 37 is
+    not a multiple of the 4 rows per block and spans two 32-token chunks of the column kernels."""
+    B, N, K = 3, 37, 18
+    x = _maybe_misaligned((B, N, D), dtype, misalign, device)
+    y = torch.randn(B, N, D, dtype=dtype, device=device)
+    gate, shift, scale = (t.to(device) for t in _mods(mod, B, N, D, dtype, 3))
+    w, b = (1 + 0.1 * torch.randn(D, device=device)).to(dtype), (0.1 * torch.randn(D, device=device)).to(dtype)
+    _compare(lambda *a: ops_adaln.gated_residual_modulate_layernorm(*a[:5], 1e-6, *a[5:], backend=backend),
+             lambda *a: ref_adaln.gated_residual_modulate_layernorm(*a[:5], 1e-6, *a[5:]),
+             lambda *a: _fused64(*a[:5], 1e-6, *a[5:]),
+             [x, y, gate, shift, scale, w, b], dtype, ["x", "y", "gate", "shift", "scale", "weight", "bias"], seed)
+    _compare(lambda *a: ops_adaln.modulate_layernorm(*a, backend=backend), ref_adaln.modulate_layernorm,
+             lambda *a: _ln64(*a, 1e-6), [x, shift, scale], dtype, ["x", "shift", "scale"], seed)
+    _compare(lambda *a: ops_adaln.gated_residual(*a, backend=backend), ref_adaln.gated_residual, _gr64,
+             [x, y, gate], dtype, ["x", "y", "gate"], seed)
+    z = torch.randn(B, N, D, device=device)
+    e = ref_align.norm_clamp(1e-8, dtype)
+    if D > 1:
+        _compare(lambda zh: ops_align.cosine_alignment_loss(zh, z, backend=backend),
+                 lambda zh: ref_align.cosine_alignment_loss(zh, z),
+                 lambda zh: -(torch.nn.functional.normalize(zh, dim=-1, eps=e)
+                              * torch.nn.functional.normalize(z.double(), dim=-1, eps=e)).sum(-1).mean(),
+                 [x], dtype, ["z_hat"], seed)
+    else:  # one element: cos = sign(z_hat) sign(z), whose gradient is 0 up to the rounding of 1/|z_hat|
+        zh = _leaf(x)
+        loss = ops_align.cosine_alignment_loss(zh, z, backend=backend)
+        loss.backward()
+        assert loss.item() == pytest.approx(-(x.float().sign() * z.sign()).mean().item(), abs=1e-6)
+        bound = 16 * torch.finfo(torch.float32).eps / x.float().abs() / (B * N)
+        assert (zh.grad.float().abs() <= bound).all()
+    idx = ref_routing.draw_route(B, N, K, device=device)
+    xs = x.contiguous() if not misalign else x
+    assert torch.equal(ops_routing.route_gather(xs, idx, backend=backend), ref_routing.route_gather(xs, idx))
+    sub = torch.randn(B, K, D, dtype=dtype, device=device)
+    assert torch.equal(ops_routing.route_scatter(xs, sub, idx, backend=backend),
+                       ref_routing.route_scatter(xs, sub, idx))
 
 
 @pytest.mark.gpu
 @_GPU
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("D", [1, 17, 384, 1000, 1152])
-@pytest.mark.parametrize("mod", ["token", "chunk"])
-@pytest.mark.parametrize("misalign", [False, True])
+@pytest.mark.parametrize("dtype,D,mod,misalign", CUDA_CASES)
 def test_cuda_kernels_vs_reference(seed, dtype, D, mod, misalign):
-    B, N, K = 3, 37, 18
-    x = _maybe_misaligned((B, N, D), dtype, misalign)
-    y = torch.randn(B, N, D, dtype=dtype, device="cuda")
-    gate, shift, scale = (t.cuda() for t in _mods(mod, B, N, D, dtype, 3))
-    w, b = (1 + 0.1 * torch.randn(D, device="cuda")).to(dtype), (0.1 * torch.randn(D, device="cuda")).to(dtype)
-    _compare(lambda *a: ops_adaln.gated_residual_modulate_layernorm(*a[:5], 1e-6, *a[5:], backend="cuda"),
-             lambda *a: ref_adaln.gated_residual_modulate_layernorm(*a[:5], 1e-6, *a[5:]),
-             lambda *a: _fused64(*a[:5], 1e-6, *a[5:]),
-             [x, y, gate, shift, scale, w, b], dtype, ["x", "y", "gate", "shift", "scale", "weight", "bias"], seed)
-    _compare(lambda *a: ops_adaln.modulate_layernorm(*a, backend="cuda"), ref_adaln.modulate_layernorm,
-             lambda *a: _ln64(*a, 1e-6), [x, shift, scale], dtype, ["x", "shift", "scale"], seed)
-    _compare(lambda *a: ops_adaln.gated_residual(*a, backend="cuda"), ref_adaln.gated_residual, _gr64,
-             [x, y, gate], dtype, ["x", "y", "gate"], seed)
-    z = torch.randn(B, N, D, device="cuda")
-    e = ref_align.norm_clamp(1e-8, dtype)
-    _compare(lambda zh: ops_align.cosine_alignment_loss(zh, z, backend="cuda"),
-             lambda zh: ref_align.cosine_alignment_loss(zh, z),
-             lambda zh: -(torch.nn.functional.normalize(zh, dim=-1, eps=e)
-                          * torch.nn.functional.normalize(z.double(), dim=-1, eps=e)).sum(-1).mean(),
-             [x], dtype, ["z_hat"], seed)
-    idx = ref_routing.draw_route(B, N, K, device="cuda")
-    xs = x.contiguous() if not misalign else x
-    assert torch.equal(ops_routing.route_gather(xs, idx, backend="cuda"), ref_routing.route_gather(xs, idx))
-    sub = torch.randn(B, K, D, dtype=dtype, device="cuda")
-    assert torch.equal(ops_routing.route_scatter(xs, sub, idx, backend="cuda"), ref_routing.route_scatter(xs, sub, idx))
+    check_cuda_kernels(seed, dtype, D, mod, misalign, "cuda", "cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -85,7 +85,8 @@ def test_failed_build_still_installs(tmp_path):
 def test_cpu_only_build_smoke(tmp_path):
     """EFFKERNELS_BUILD_CUDA=0 builds the C++ CPU paths with g++ alone (nvcc is present here, so
     without this test that variant would never be built)."""
-    target, r = _pip_target(tmp_path, EFFKERNELS_BUILD_CUDA="0", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    target, r = _pip_target(tmp_path, EFFKERNELS_BUILD_CUDA="0", EFFKERNELS_BUILD_SIM="0",
+                            MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     assert list((target / "effkernels").glob("_C*.so")), r.stdout[-3000:] + r.stderr[-3000:]
     _run_in(target, """
         import torch, effkernels._C as C
