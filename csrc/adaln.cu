@@ -1,5 +1,7 @@
 // adaLN family: LayerNorm + modulate, gated residual, and the fused residual + LN + modulate,
-// forward and backward, as C++ CPU loops and (under nvcc with WITH_CUDA) CUDA kernels.
+// forward and backward, as C++ CPU loops and CUDA kernels; and the RMSNorm variants of the two norm
+// ops (rmsnorm_host.h), which are the same loops and kernels with the template flag RMS: mean 0
+// (neither computed nor stored), no bias, no sum(g) term in the backward.
 //
 // Both paths call the arithmetic in adaln_math.h. Row reductions (d(shift), d(scale), d(gate) when
 // broadcast over tokens; d(weight), d(bias)) go through a float32 partial buffer (B, P, kSlots, D)
@@ -20,7 +22,7 @@ template <typename T> struct LnArgs {
   Rows<T> h, out, dx, dy, dgate, dshift, dscale;
   T* dw = nullptr;
   T* db = nullptr;
-  float* mean = nullptr;
+  float* mean = nullptr;  // null for RMS
   float* rstd = nullptr;
   float* part = nullptr;  // (B, P, kSlots, D) partial sums
   int64_t B = 0, N = 0, D = 0, P = 0, chunk = 0;
@@ -36,7 +38,7 @@ template <typename T> const T* cp(const OptT& t) { return defined(t) ? static_ca
 // CPU loops: one row at a time, rows spread over threads with at::parallel_for.
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, bool FUSED> void fwd_cpu(const LnArgs<T>& a) {
+template <typename T, bool FUSED, bool RMS> void fwd_cpu(const LnArgs<T>& a) {
   at::parallel_for(0, a.B * a.N, row_grain(a.D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t bi = r / a.N, n = r % a.N;
@@ -48,9 +50,9 @@ template <typename T, bool FUSED> void fwd_cpu(const LnArgs<T>& a) {
         for (int64_t d = 0; d < a.D; ++d) hr[d] = from_acc<T>(gated<acc>(to_acc<acc>(xr[d]), to_acc<acc>(gr[d]), to_acc<acc>(yr[d])));
         src = hr;
       }
-      const acc mu = ln_mean<acc>(lane_sum<acc>(a.D, [&](int64_t d) { return to_acc<acc>(src[d]); }), a.D);
+      const acc mu = RMS ? acc(0) : ln_mean<acc>(lane_sum<acc>(a.D, [&](int64_t d) { return to_acc<acc>(src[d]); }), a.D);
       const acc rs = ln_rstd<acc>(lane_sum<acc>(a.D, [&](int64_t d) { acc t = to_acc<acc>(src[d]) - mu; return t * t; }), a.D, a.eps);
-      a.mean[r] = mu;
+      if constexpr (!RMS) a.mean[r] = mu;
       a.rstd[r] = rs;
       const T *sh = a.shift.row(bi, n), *sc = a.scale.row(bi, n);
       T* o = a.out.row(bi, n);
@@ -75,15 +77,15 @@ template <typename T, typename F> void for_each_chunk_row(const LnArgs<T>& a, F&
   });
 }
 
-template <typename T, bool FUSED> void bwd_cpu(const LnArgs<T>& a) {
+template <typename T, bool FUSED, bool RMS> void bwd_cpu(const LnArgs<T>& a) {
   for_each_chunk_row(a, [&](int64_t bi, int64_t n, float* part) {
     const int64_t r = bi * a.N + n;
-    const acc mu = a.mean[r], rs = a.rstd[r];
+    const acc mu = RMS ? acc(0) : a.mean[r], rs = a.rstd[r];
     const T *xr = a.x.row(bi, n), *go = a.dout.row(bi, n), *sc = a.scale.row(bi, n);
     auto W = [&](int64_t d) { return a.w ? to_acc<acc>(a.w[d]) : acc(1); };
     auto G = [&](int64_t d) { return ln_bwd_g<acc>(to_acc<acc>(go[d]), W(d), to_acc<acc>(sc[d])); };
     auto XH = [&](int64_t d) { return (to_acc<acc>(xr[d]) - mu) * rs; };
-    const acc sg = lane_sum<acc>(a.D, G);
+    const acc sg = RMS ? acc(0) : lane_sum<acc>(a.D, G);
     const acc sgx = lane_sum<acc>(a.D, [&](int64_t d) { return G(d) * XH(d); });
     for (int64_t d = 0; d < a.D; ++d) {
       const acc xh = XH(d), dout = to_acc<acc>(go[d]), s = to_acc<acc>(sc[d]);
@@ -160,3 +162,4 @@ template <typename T> void finalize_cpu(const LnArgs<T>& a, bool gate) {
 #endif
 
 #include "adaln_host.h"
+#include "rmsnorm_host.h"

@@ -1,4 +1,8 @@
-// CUDA side of the adaLN family (included by adaln.cu under nvcc with WITH_CUDA only).
+// CUDA side of the adaLN family (included by adaln.cu when the CUDA kernels are compiled).
+//
+// RMS (a template flag): the RMSNorm variant of the same kernels. The mean is 0 (not computed, not
+// stored), the statistic is the mean of squares, there is no bias, and the backward's sum(g) term
+// drops out; everything else (modulation, gated residual, partial sums, finalize) is shared.
 //
 // Row kernels: one warp per row of D, V elements per load (16 bytes when every row start is
 // aligned and D % V == 0, else V = 1, which also covers odd D with no tail loop), fp32 sums reduced
@@ -29,7 +33,7 @@ template <typename T, int V> struct Ld {
   }
 };
 
-template <typename T, int V, bool FUSED> __global__ void ln_fwd_kernel(LnArgs<T> a) {
+template <typename T, int V, bool FUSED, bool RMS> __global__ void ln_fwd_kernel(LnArgs<T> a) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
   if (r >= a.B * a.N + EK_SIM_BREAK(2)) return;
   const int64_t bi = r / a.N, n = r % a.N;
@@ -52,14 +56,14 @@ template <typename T, int V, bool FUSED> __global__ void ln_fwd_kernel(LnArgs<T>
       vstore<T, V>(hr + d, hv);
     }
     src = hr;  // each lane re-reads only what it wrote itself: ordered without a barrier
-  } else {
+  } else if constexpr (!RMS) {
     for (int64_t d = lane * V; d < a.D; d += kWarp * V) {
       Ld<T, V>::get(src + d, xs);
 #pragma unroll
       for (int j = 0; j < V; ++j) s += xs[j];
     }
   }
-  const acc mu = ln_mean<acc>(warp_sum(s), a.D);
+  const acc mu = RMS ? acc(0) : ln_mean<acc>(warp_sum(s), a.D);  // RMS: the pass below sums x^2
   acc q = 0;
   for (int64_t d = lane * V; d < a.D; d += kWarp * V) {
     Ld<T, V>::get(src + d, xs);
@@ -67,7 +71,10 @@ template <typename T, int V, bool FUSED> __global__ void ln_fwd_kernel(LnArgs<T>
     for (int j = 0; j < V; ++j) q += (xs[j] - mu) * (xs[j] - mu);
   }
   const acc rs = ln_rstd<acc>(warp_sum(q), a.D, a.eps);
-  if (lane == 0) { gstore(a.mean + r, mu); gstore(a.rstd + r, rs); }
+  if (lane == 0) {
+    if constexpr (!RMS) gstore(a.mean + r, mu);
+    gstore(a.rstd + r, rs);
+  }
   for (int64_t d = lane * V; d < a.D; d += kWarp * V) {
     Ld<T, V>::get(src + d, xs);
     Ld<T, V>::get(a.shift.row(bi, n) + d, shs);
@@ -84,12 +91,12 @@ template <typename T, int V, bool FUSED> __global__ void ln_fwd_kernel(LnArgs<T>
 
 // dx (and, fused, dy and per-token dgate), per-token dshift/dscale; row sums saved for the column
 // kernel in `rowsum` (B*N, 2) so it can recompute d(h) in float32 for a per-sample gate.
-template <typename T, int V, bool FUSED> __global__ void ln_bwd_row_kernel(LnArgs<T> a, float* rowsum) {
+template <typename T, int V, bool FUSED, bool RMS> __global__ void ln_bwd_row_kernel(LnArgs<T> a, float* rowsum) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
   if (r >= a.B * a.N) return;
   const int64_t bi = r / a.N, n = r % a.N;
   const int lane = threadIdx.x;
-  const acc mu = gload(a.mean + r), rs = gload(a.rstd + r);
+  const acc mu = RMS ? acc(0) : gload(a.mean + r), rs = gload(a.rstd + r);
   acc xs[V], gos[V], scs[V], ws[V], bs[V], t[V];
   acc sg = 0, sgx = 0;
   for (int64_t d = lane * V; d < a.D; d += kWarp * V) {
@@ -102,11 +109,11 @@ template <typename T, int V, bool FUSED> __global__ void ln_bwd_row_kernel(LnArg
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const acc g = ln_bwd_g<acc>(gos[j], ws[j], scs[j]);
-      sg += g;
+      if constexpr (!RMS) sg += g;
       sgx += g * (xs[j] - mu) * rs;
     }
   }
-  sg = warp_sum(sg);
+  if constexpr (!RMS) sg = warp_sum(sg);  // RMS: the sum(g) term of the LayerNorm backward is absent
   sgx = warp_sum(sgx);
   if (FUSED && rowsum && lane == 0) { gstore(rowsum + 2 * r, sg); gstore(rowsum + 2 * r + 1, sgx); }
   for (int64_t d = lane * V; d < a.D; d += kWarp * V) {
@@ -145,10 +152,10 @@ template <typename T, int V, bool FUSED> __global__ void ln_bwd_row_kernel(LnArg
 }
 
 // Per-sample/affine reductions: thread per column, rows [p*chunk, (p+1)*chunk) of sample b.
-// MODE 0: LayerNorm backward, 1: fused backward, 2: gated-residual backward (gate only).
+// MODE 0: LayerNorm (RMS: RMSNorm) backward, 1: fused backward, 2: gated-residual backward (gate only).
 // Grid (B * P, ceil(D / kColThreads)): the (sample, chunk) pairs on x, whose limit is 2^31 - 1
 // (y and z stop at 65535, which B or P alone can pass).
-template <typename T, int MODE> __global__ void col_kernel(LnArgs<T> a, const float* rowsum) {
+template <typename T, int MODE, bool RMS> __global__ void col_kernel(LnArgs<T> a, const float* rowsum) {
   const int64_t d = static_cast<int64_t>(blockIdx.y) * kColThreads + threadIdx.x;
   if (d >= a.D) return;
   const int64_t bi = blockIdx.x / a.P, p = blockIdx.x % a.P;
@@ -163,7 +170,7 @@ template <typename T, int MODE> __global__ void col_kernel(LnArgs<T> a, const fl
     } else {
       const int64_t r = bi * a.N + n;
       const acc rs = gload(a.rstd + r);
-      const acc xh = (to_acc<acc>(gload(a.x.row(bi, n) + d)) - gload(a.mean + r)) * rs;
+      const acc xh = (to_acc<acc>(gload(a.x.row(bi, n) + d)) - (RMS ? acc(0) : gload(a.mean + r))) * rs;
       const acc sc = to_acc<acc>(gload(a.scale.row(bi, n) + d));
       s_shift += go;
       s_scale += LnParamGrads::dscale<acc>(go, xh, w, bb);
@@ -243,8 +250,8 @@ inline dim3 row_block() { return dim3(kWarp, kRowsPerBlock); }
   if ((V) > 1) { constexpr int VV = 16 / sizeof(T); __VA_ARGS__; }     \
   else { constexpr int VV = 1; __VA_ARGS__; }
 
-template <typename T, bool FUSED> void fwd_cuda(const LnArgs<T>& a, int V) {
-  EK_VEC_SWITCH(T, V, EK_LAUNCH(row_grid(a.B * a.N), row_block(), EK_STREAM(), ln_fwd_kernel<T, VV, FUSED>)(a));
+template <typename T, bool FUSED, bool RMS> void fwd_cuda(const LnArgs<T>& a, int V) {
+  EK_VEC_SWITCH(T, V, EK_LAUNCH(row_grid(a.B * a.N), row_block(), EK_STREAM(), ln_fwd_kernel<T, VV, FUSED, RMS>)(a));
   EK_LAUNCH_CHECK();
 }
 
@@ -258,17 +265,18 @@ template <typename T> void finalize_cuda(const LnArgs<T>& a, bool gate) {
   EK_LAUNCH_CHECK();
 }
 
-template <typename T, int MODE> void col_cuda(const LnArgs<T>& a, const float* rowsum) {
+template <typename T, int MODE, bool RMS> void col_cuda(const LnArgs<T>& a, const float* rowsum) {
   dim3 grid(static_cast<unsigned>(a.B * a.P), blocks_for(a.D, kColThreads));
-  EK_LAUNCH(grid, kColThreads, EK_STREAM(), col_kernel<T, MODE>)(a, rowsum);
+  EK_LAUNCH(grid, kColThreads, EK_STREAM(), col_kernel<T, MODE, RMS>)(a, rowsum);
   EK_LAUNCH_CHECK();
 }
 
-template <typename T, bool FUSED> void bwd_cuda(const LnArgs<T>& a, int V, float* rowsum, bool need_cols) {
-  EK_VEC_SWITCH(T, V, EK_LAUNCH(row_grid(a.B * a.N), row_block(), EK_STREAM(), ln_bwd_row_kernel<T, VV, FUSED>)(a, rowsum));
+template <typename T, bool FUSED, bool RMS> void bwd_cuda(const LnArgs<T>& a, int V, float* rowsum, bool need_cols) {
+  EK_VEC_SWITCH(T, V, EK_LAUNCH(row_grid(a.B * a.N), row_block(), EK_STREAM(),
+                                ln_bwd_row_kernel<T, VV, FUSED, RMS>)(a, rowsum));
   EK_LAUNCH_CHECK();
   if (!need_cols) return;
-  col_cuda<T, FUSED ? 1 : 0>(a, rowsum);
+  col_cuda<T, FUSED ? 1 : 0, RMS>(a, rowsum);
   finalize_cuda<T>(a, FUSED);
 }
 
@@ -276,7 +284,7 @@ template <typename T> void gr_bwd_cuda(const LnArgs<T>& a, int V) {
   EK_VEC_SWITCH(T, V, EK_LAUNCH(row_grid(a.B * a.N), row_block(), EK_STREAM(), gr_bwd_row_kernel<T, VV>)(a));
   EK_LAUNCH_CHECK();
   if (a.gate_tok) return;
-  col_cuda<T, 2>(a, nullptr);
+  col_cuda<T, 2, false>(a, nullptr);
   finalize_cuda<T>(a, true);
 }
 

@@ -1,5 +1,6 @@
 // Tensor-level entry points of the adaLN family and their registration for CPU and CUDA
-// (included at the end of adaln.cu). Schemas live in bindings.cpp.
+// (included at the end of adaln.cu). Schemas live in bindings.cpp. fwd_impl and bwd_impl serve the
+// RMSNorm ops too (rmsnorm_host.h): `rms` picks the kernels' RMS variant, which has no mean and no bias.
 #pragma once
 
 #include <torch/library.h>
@@ -12,13 +13,14 @@ Tensor stats_like(const Tensor& x) { return at::empty({x.size(0), x.size(1)}, x.
 
 void check_common(const Tensor& x, std::initializer_list<const Tensor*> mods, const OptT& w, const OptT& b) {
   TORCH_CHECK(x.dim() == 3, "x must be (B, N, D)");
-  check_last_unit(x, "x");
+  // Empty tensors have no memory to stride over (autograd hands in expanded ones, stride 0).
+  if (x.numel() > 0) check_last_unit(x, "x");
   for (const Tensor* m : mods) {
     TORCH_CHECK(m->dim() == 2 || m->dim() == 3, "modulation tensors must be (B, D) or (B, N, D)");
     TORCH_CHECK(m->size(0) == x.size(0) && m->size(-1) == x.size(2) && (m->dim() == 2 || m->size(1) == x.size(1)),
                 "modulation shape ", m->sizes(), " does not match x ", x.sizes());
     TORCH_CHECK(m->scalar_type() == x.scalar_type() && m->device() == x.device(), "dtype/device mismatch");
-    check_last_unit(*m, "modulation");
+    if (m->numel() > 0) check_last_unit(*m, "modulation");
   }
   for (const OptT* p : {&w, &b})
     if (defined(*p)) TORCH_CHECK((*p)->dim() == 1 && (*p)->size(0) == x.size(2) && (*p)->is_contiguous() &&
@@ -57,11 +59,21 @@ template <typename T> void fill_ln(LnArgs<T>& a, const Tensor& x, const Tensor& 
 
 Tensor opt_or_undef(const OptT& t) { return defined(t) ? *t : Tensor(); }
 
-// ---- LayerNorm + modulate, and the fused variant ----------------------------------------------
+// f(std::bool_constant<FUSED>, std::bool_constant<RMS>) for the runtime pair: the kernels' flags.
+template <typename F> void with_flags(bool fused, bool rms, F&& f) {
+  if (fused) {
+    if (rms) f(std::true_type{}, std::true_type{}); else f(std::true_type{}, std::false_type{});
+  } else {
+    if (rms) f(std::false_type{}, std::true_type{}); else f(std::false_type{}, std::false_type{});
+  }
+}
 
+// ---- LayerNorm (RMSNorm) + modulate, and the fused variant -------------------------------------
+
+// mean: undefined when rms.
 void fwd_impl(const Tensor& x, const Tensor* y, const Tensor* gate, const Tensor& shift, const Tensor& scale,
               const OptT& w, const OptT& b, double eps, const Tensor* h, const Tensor& out, const Tensor& mean,
-              const Tensor& rstd) {
+              const Tensor& rstd, bool rms) {
   if (x.numel() == 0) return;
   const int V = pick_vec(x, {x, shift, scale, opt_or_undef(w), opt_or_undef(b), out,
                              y ? *y : Tensor(), gate ? *gate : Tensor(), h ? *h : Tensor()});
@@ -69,18 +81,21 @@ void fwd_impl(const Tensor& x, const Tensor* y, const Tensor* gate, const Tensor
     LnArgs<scalar_t> a;
     fill_ln(a, x, shift, scale, w, b, eps);
     a.out = wr<scalar_t>(out);
-    a.mean = mean.data_ptr<float>();
+    a.mean = rms ? nullptr : mean.data_ptr<float>();
     a.rstd = rstd.data_ptr<float>();
     if (y) { a.y = cr<scalar_t>(*y); a.gate = cr<scalar_t>(*gate); a.h = wr<scalar_t>(*h); }
+    with_flags(y != nullptr, rms, [&](auto fused, auto rms_) {
+      constexpr bool F = decltype(fused)::value, R = decltype(rms_)::value;
 #ifdef EK_CUDA
-    if (EK_ON_DEVICE(x)) {
-      EK_DEVICE_GUARD(x);
-      if (y) fwd_cuda<scalar_t, true>(a, V); else fwd_cuda<scalar_t, false>(a, V);
-      return;
-    }
+      if (EK_ON_DEVICE(x)) {
+        EK_DEVICE_GUARD(x);
+        fwd_cuda<scalar_t, F, R>(a, V);
+        return;
+      }
 #endif
-    (void)V;
-    if (y) fwd_cpu<scalar_t, true>(a); else fwd_cpu<scalar_t, false>(a);
+      (void)V;
+      fwd_cpu<scalar_t, F, R>(a);
+    });
   });
 }
 
@@ -89,7 +104,7 @@ std::tuple<Tensor, Tensor> ln_modulate_fwd_out(const Tensor& x, const Tensor& sh
   check_common(x, {&shift, &scale}, w, b);
   check_out(out, x.sizes(), x.scalar_type(), x.device(), "out");
   Tensor mean = stats_like(x), rstd = stats_like(x);
-  fwd_impl(x, nullptr, nullptr, shift, scale, w, b, eps, nullptr, out, mean, rstd);
+  fwd_impl(x, nullptr, nullptr, shift, scale, w, b, eps, nullptr, out, mean, rstd, false);
   return {mean, rstd};
 }
 
@@ -107,20 +122,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_fwd(const Tensor& x, const Tens
   TORCH_CHECK(y.sizes() == x.sizes(), "y must have x's shape");
   Tensor h = at::empty(x.sizes(), x.options()), out = at::empty(x.sizes(), x.options());
   Tensor mean = stats_like(x), rstd = stats_like(x);
-  fwd_impl(x, &y, &gate, shift, scale, w, b, eps, &h, out, mean, rstd);
+  fwd_impl(x, &y, &gate, shift, scale, w, b, eps, &h, out, mean, rstd, false);
   return {h, out, mean, rstd};
 }
 
-// Backward of both: FUSED adds dh, and produces dy and dgate.
+// Backward of both: FUSED adds dh, and produces dy and dgate. mean: undefined when rms.
 std::vector<Tensor> bwd_impl(const Tensor* dh, const Tensor& dout, const Tensor& x, const Tensor* y, const Tensor* gate,
                              const Tensor& shift, const Tensor& scale, const OptT& w, const OptT& b,
-                             const Tensor& mean, const Tensor& rstd) {
+                             const Tensor& mean, const Tensor& rstd, bool rms) {
   std::vector<const Tensor*> mods = {&dout, &shift, &scale};
   if (dh) mods.insert(mods.end(), {dh, y, gate});
   for (const Tensor* m : mods) check_common(x, {m}, w, b);
-  TORCH_CHECK(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat && mean.is_contiguous() &&
-              rstd.is_contiguous() && mean.numel() == x.size(0) * x.size(1) && rstd.numel() == mean.numel(),
-              "mean and rstd must be contiguous float32 (B, N)");
+  TORCH_CHECK(dout.dim() == 3 && (!dh || (dh->dim() == 3 && y->dim() == 3)), "dout, dh and y must have x's shape");
+  for (const Tensor* s : {&mean, &rstd}) {
+    if (rms && s == &mean) continue;
+    TORCH_CHECK(s->scalar_type() == at::kFloat && s->is_contiguous() && s->numel() == x.size(0) * x.size(1) &&
+                s->device() == x.device(), rms ? "rstd" : "mean and rstd", " must be contiguous float32 (B, N) on x's device");
+  }
   Tensor dx = at::empty(x.sizes(), x.options());
   Tensor dy = dh ? at::empty(x.sizes(), x.options()) : Tensor();
   Tensor dgate = dh ? empty_like_rows(*gate) : Tensor();
@@ -144,7 +162,7 @@ std::vector<Tensor> bwd_impl(const Tensor* dh, const Tensor& dout, const Tensor&
     LnArgs<scalar_t> a;
     fill_ln(a, x, shift, scale, w, b, 1.0);
     a.dout = cr<scalar_t>(dout);
-    a.mean = const_cast<float*>(mean.const_data_ptr<float>());
+    a.mean = rms ? nullptr : const_cast<float*>(mean.const_data_ptr<float>());
     a.rstd = const_cast<float*>(rstd.const_data_ptr<float>());
     a.dx = wr<scalar_t>(dx);
     a.dshift = wr<scalar_t>(dshift);
@@ -158,18 +176,22 @@ std::vector<Tensor> bwd_impl(const Tensor* dh, const Tensor& dout, const Tensor&
       a.dh = cr<scalar_t>(*dh); a.y = cr<scalar_t>(*y); a.gate = cr<scalar_t>(*gate);
       a.dy = wr<scalar_t>(dy); a.dgate = wr<scalar_t>(dgate); a.gate_tok = gate_tok;
     }
+    with_flags(dh != nullptr, rms, [&](auto fused, auto rms_) {
+      constexpr bool F = decltype(fused)::value, R = decltype(rms_)::value;
 #ifdef EK_CUDA
-    if (cuda) {
-      EK_DEVICE_GUARD(x);
-      Tensor rowsum = (dh && !gate_tok) ? at::empty({x.size(0) * x.size(1), 2}, part.options()) : Tensor();
-      float* rs = rowsum.defined() ? rowsum.data_ptr<float>() : nullptr;
-      if (dh) bwd_cuda<scalar_t, true>(a, V, rs, need_cols); else bwd_cuda<scalar_t, false>(a, V, rs, need_cols);
-      return;
-    }
+      if (cuda) {
+        EK_DEVICE_GUARD(x);
+        // The row sums (sum g, sum g xhat) for the column kernel's recompute of d(h) under a per-sample gate.
+        Tensor rowsum = (dh && !gate_tok) ? at::empty({x.size(0) * x.size(1), 2}, part.options()) : Tensor();
+        float* rs = rowsum.defined() ? rowsum.data_ptr<float>() : nullptr;
+        bwd_cuda<scalar_t, F, R>(a, V, rs, need_cols);
+        return;
+      }
 #endif
-    (void)V;
-    if (dh) bwd_cpu<scalar_t, true>(a); else bwd_cpu<scalar_t, false>(a);
-    if (need_cols) finalize_cpu<scalar_t>(a, dh != nullptr);
+      (void)V;
+      bwd_cpu<scalar_t, F, R>(a);
+      if (need_cols) finalize_cpu<scalar_t>(a, F);
+    });
   });
   return {dx, dy, dgate, dshift, dscale, dw, db};
 }
@@ -177,14 +199,14 @@ std::vector<Tensor> bwd_impl(const Tensor* dh, const Tensor& dout, const Tensor&
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_modulate_bwd(const Tensor& dout, const Tensor& x, const Tensor& shift,
                                                                    const Tensor& scale, const OptT& w, const OptT& b,
                                                                    const Tensor& mean, const Tensor& rstd) {
-  auto r = bwd_impl(nullptr, dout, x, nullptr, nullptr, shift, scale, w, b, mean, rstd);
+  auto r = bwd_impl(nullptr, dout, x, nullptr, nullptr, shift, scale, w, b, mean, rstd, false);
   return {r[0], r[3], r[4], r[5], r[6]};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_bwd(
     const Tensor& dh, const Tensor& dout, const Tensor& h, const Tensor& y, const Tensor& gate, const Tensor& shift,
     const Tensor& scale, const OptT& w, const OptT& b, const Tensor& mean, const Tensor& rstd) {
-  auto r = bwd_impl(&dh, dout, h, &y, &gate, shift, scale, w, b, mean, rstd);
+  auto r = bwd_impl(&dh, dout, h, &y, &gate, shift, scale, w, b, mean, rstd, false);
   return {r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
 }
 

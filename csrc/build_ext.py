@@ -27,7 +27,7 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 PTXAS_LOG = os.path.join(ROOT, "build", "effkernels_ptxas.log")
-FAMILIES = ("routing", "adaln", "align", "rmsnorm", "swiglu", "rope")
+FAMILIES = ("routing", "adaln", "align", "swiglu", "rope")  # adaln.cu holds the RMSNorm ops too
 DEFAULT_ARCHS = "8.0;9.0"
 _ARCH = re.compile(r"^(\d+)\.(\d+)(a?)(\+PTX)?$")
 

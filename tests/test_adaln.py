@@ -9,41 +9,14 @@ import torch
 from effkernels import ops
 from effkernels._triton import adaln as tk
 from effkernels.reference import adaln as ref
-from helpers import assert_close, poison, rel_err
+from helpers import assert_close, poison
+from norm_cases import DTYPES, NAMES, SHAPES, bc as _bc, cases, check, leaves, mods as _mods
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Odd, non-power-of-two N and D; D = 1 is a LayerNorm of a constant row (output = bias/shift only).
-SHAPES = ((2, 7, 17), (1, 5, 384), (3, 3, 1000), (2, 9, 1))
 EPS = 1e-5
-NAMES = ("shift", "scale", "gate")  # the first three chunks of adaLN(c).chunk(6, -1), as in DiT
 
 
 def _leaves(B, N, D, dtype, per_token, affine):
-    """Leaf tensors; shift/scale/gate are later taken as strided chunks of c (B, 6D) or (B, N, 6D)."""
-    c = 0.5 * torch.randn((B, N, 6 * D) if per_token else (B, 6 * D))
-    lv = {"x": torch.randn(B, N, D) * 2 + 0.5, "y": torch.randn(B, N, D), "c": c}
-    if affine:
-        lv["w"] = 1 + 0.3 * torch.randn(D)
-        lv["b"] = 0.3 * torch.randn(D)
-    return {k: v.to(dtype) for k, v in lv.items()}
-
-
-def _track(lv):
-    return {k: v.detach().clone().requires_grad_() for k, v in lv.items()}
-
-
-def _mods(t):
-    return dict(zip(NAMES, t["c"].chunk(6, -1)[:3]))
-
-
-def _grads(t):
-    g = {k: v.grad for k, v in t.items() if k != "c"}
-    g.update(zip(NAMES, t["c"].grad.chunk(6, -1)[:3]))
-    return g
-
-
-def _bc(m):
-    return m.unsqueeze(1) if m.dim() == 2 else m
+    return leaves(B, N, D, dtype, per_token, affine, bias=True)
 
 
 def _same_dtype_ln(x, shift, scale, eps, w=None, b=None):
@@ -103,13 +76,6 @@ def _impls(op, eps=EPS):
     return kern, refer, same
 
 
-def _run(fn, lv, upstream):
-    t = _track(lv)
-    outs = fn(t)
-    sum((o.float() * g).sum() for o, g in zip(outs, upstream)).backward()
-    return [o.detach() for o in outs], _grads(t)
-
-
 _INPUTS = {"ln": ("x", "shift", "scale", "w", "b"), "gr": ("x", "y", "gate"),
            "fused": ("x", "y", "gate", "shift", "scale", "w", "b")}
 
@@ -120,43 +86,14 @@ def _used(op, lv):
 
 
 def _check_op(op, lv, dtype, per_token, eps=EPS):
-    kern, refer, same = _impls(op, eps)
-    n_out = 2 if op == "fused" else 1
-    shape = lv["x"].shape
-    upstream = [torch.randn(shape) for _ in range(n_out)]
-    k_out, k_grad = _run(kern, lv, upstream)
-    r_out, r_grad = _run(refer, lv, upstream)
-    s_out, s_grad = _run(same, lv, upstream) if dtype != torch.float32 else (None, {})
-    for i in range(n_out):
-        assert k_out[i].dtype == dtype
-        assert_close(k_out[i], r_out[i], dtype, name=f"{op} out{i}",
-                     same_dtype_ref=None if s_out is None else s_out[i])
-    for k in _used(op, lv):
-        # Per-sample modulation and the affine parameters are reductions over tokens.
-        reduce = k in ("w", "b") or (k in NAMES and not per_token)
-        assert k_grad[k].dtype == dtype and k_grad[k].shape == r_grad[k].shape, k
-        assert_close(k_grad[k], r_grad[k], dtype, reduce=reduce, name=f"{op} d{k}", same_dtype_ref=s_grad.get(k))
+    check(_impls(op, eps), op, lv, dtype, per_token, _used(op, lv), 2 if op == "fused" else 1)
 
 
 # ---------------------------------------------------------------------------------------------
 # Kernel vs reference through effkernels.ops (forward + every input's gradient)
 # ---------------------------------------------------------------------------------------------
 
-def _ln_cases():
-    """Every shape x dtype with (per-sample, no affine) and (per-token, affine); the two mixed
-    combinations on one shape per dtype (rotating), to keep the interpreter's bill down."""
-    cases = []
-    for i, dtype in enumerate(DTYPES):
-        for j, shape in enumerate(SHAPES):
-            combos = [(False, False), (True, True)] + ([(True, False), (False, True)] if j == i else [])
-            for per_token, affine in combos:
-                cid = f"{'per_token' if per_token else 'per_sample'}-{'affine' if affine else 'no_affine'}"
-                cases.append(pytest.param(per_token, affine, dtype, shape,
-                                          id=f"{cid}-{str(dtype)[6:]}-{'x'.join(map(str, shape))}"))
-    return cases
-
-
-@pytest.mark.parametrize("per_token,affine,dtype,shape", _ln_cases())
+@pytest.mark.parametrize("per_token,affine,dtype,shape", cases("affine"))
 @pytest.mark.parametrize("op", ("ln", "fused"))
 def test_ln_ops_match_reference(seed, op, affine, per_token, dtype, shape):
     # With D = 1 the normalised row is 0 and so is d(x); the reference's autograd gets that 0 as a

@@ -145,8 +145,9 @@ def test_rmsnorm_on_sim(seed, dtype, D, mod, misalign):
              seed)
     log = S.launches()
     names = {rec[0].split("<")[0] for rec in log}
-    assert {"rms_fwd_kernel", "rms_bwd_row_kernel", "rms_col_kernel", "rms_finalize_kernel"} <= names, names
-    _assert_load_paths(log, D, dtype, misalign, ("rms_fwd_kernel",))
+    # the adaLN kernels' RMS variant (template flag RMS = true)
+    assert {"ln_fwd_kernel", "ln_bwd_row_kernel", "col_kernel", "finalize_kernel"} <= names, names
+    _assert_load_paths(log, D, dtype, misalign, ("ln_fwd_kernel",))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

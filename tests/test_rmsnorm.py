@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 from helpers import assert_close, poison, rel_err
+from norm_cases import DTYPES, bc as _bc, cases, check, leaves, mods as _mods
 
 from effkernels import _ext, backends, ops
 from effkernels._triton import rmsnorm as tk
@@ -23,27 +24,11 @@ _NO_EXT = pytest.mark.skipif(not backends.available(EXT, torch.device(EXT if _ON
                              reason=f"effkernels._C is not built (for {EXT})")
 # The kernel backends that run here: Triton (the interpreter on the CPU) and the extension.
 KERNELS = ("triton", pytest.param(EXT, marks=_NO_EXT))
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Odd, non-power-of-two N and D; D = 1 normalises a single element to +-1 (times the weight).
-SHAPES = ((2, 7, 17), (1, 5, 384), (3, 3, 1000), (2, 9, 1))
 EPS = 1e-6
-NAMES = ("shift", "scale", "gate")  # three chunks of adaLN(c).chunk(6, -1): strided (B, D) views
 
 
 def _leaves(B, N, D, dtype, per_token, affine):
-    c = 0.5 * torch.randn((B, N, 6 * D) if per_token else (B, 6 * D))
-    lv = {"x": torch.randn(B, N, D) * 2 + 0.5, "y": torch.randn(B, N, D), "c": c}
-    if affine:
-        lv["w"] = 1 + 0.3 * torch.randn(D)
-    return {k: v.to(dtype) for k, v in lv.items()}
-
-
-def _mods(t):
-    return dict(zip(NAMES, t["c"].chunk(6, -1)[:3]))
-
-
-def _bc(m):
-    return m.unsqueeze(1) if m.dim() == 2 else m
+    return leaves(B, N, D, dtype, per_token, affine, bias=False)
 
 
 def _same_dtype_rms(x, shift, scale, eps, w=None):
@@ -86,54 +71,16 @@ def _impls(op, backend, eps):
     return kern, refer, same
 
 
-def _run(fn, lv, upstream):
-    t = {k: v.detach().clone().requires_grad_() for k, v in lv.items()}
-    outs = fn(t)
-    sum((o.float() * g).sum() for o, g in zip(outs, upstream)).backward()
-    grads = {k: v.grad for k, v in t.items() if k != "c"}
-    grads.update(zip(NAMES, t["c"].grad.chunk(6, -1)[:3]))
-    return [o.detach() for o in outs], grads
-
-
 def _check_op(op, backend, lv, dtype, per_token, eps=EPS):
-    kern, refer, same = _impls(op, backend, eps)
-    n_out = 2 if op == "fused" else 1
-    upstream = [torch.randn(lv["x"].shape) for _ in range(n_out)]
-    k_out, k_grad = _run(kern, lv, upstream)
-    r_out, r_grad = _run(refer, lv, upstream)
-    s_out, s_grad = _run(same, lv, upstream) if dtype != torch.float32 else (None, {})
-    for i in range(n_out):
-        assert k_out[i].dtype == dtype
-        assert_close(k_out[i], r_out[i], dtype, name=f"{op} out{i}",
-                     same_dtype_ref=None if s_out is None else s_out[i])
     used = ("x", "shift", "scale", "w") if op == "rms" else ("x", "y", "gate", "shift", "scale", "w")
-    for k in used:
-        if k == "w" and "w" not in lv:
-            continue
-        reduce = k == "w" or (k in NAMES and not per_token)  # sums over tokens
-        assert k_grad[k].dtype == dtype and k_grad[k].shape == r_grad[k].shape, k
-        assert_close(k_grad[k], r_grad[k], dtype, reduce=reduce, name=f"{op} d{k}", same_dtype_ref=s_grad.get(k))
+    check(_impls(op, backend, eps), op, lv, dtype, per_token, used, 2 if op == "fused" else 1)
 
 
 # ---------------------------------------------------------------------------------------------
 # Kernels vs reference through effkernels.ops (forward + every input's gradient)
 # ---------------------------------------------------------------------------------------------
 
-def _cases():
-    """Every shape x dtype with (per-sample, no weight) and (per-token, weight); the two mixed
-    combinations on one shape per dtype (rotating), to keep the interpreter's bill down."""
-    cases = []
-    for i, dtype in enumerate(DTYPES):
-        for j, shape in enumerate(SHAPES):
-            combos = [(False, False), (True, True)] + ([(True, False), (False, True)] if j == i else [])
-            for per_token, affine in combos:
-                cid = f"{'per_token' if per_token else 'per_sample'}-{'weight' if affine else 'no_weight'}"
-                cases.append(pytest.param(per_token, affine, dtype, shape,
-                                          id=f"{cid}-{str(dtype)[6:]}-{'x'.join(map(str, shape))}"))
-    return cases
-
-
-@pytest.mark.parametrize("per_token,affine,dtype,shape", _cases())
+@pytest.mark.parametrize("per_token,affine,dtype,shape", cases("weight"))
 @pytest.mark.parametrize("op", ("rms", "fused"))
 @pytest.mark.parametrize("backend", KERNELS)
 def test_ops_match_reference(seed, backend, op, affine, per_token, dtype, shape):

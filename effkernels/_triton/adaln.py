@@ -1,4 +1,7 @@
-"""Triton kernels for the adaLN family: LayerNorm + modulate, gated residual, and the fused pair.
+"""Triton kernels for the adaLN family: LayerNorm + modulate, gated residual, and the fused pair;
+and, with the constexpr RMS, the RMSNorm variants of the two norm kernels (launched by
+effkernels/_triton/rmsnorm.py): mean 0 (neither computed nor stored), no bias, and no sum(g) term in
+the backward, with the tiling, modulation, partial sums and casts shared.
 
 Primitive contract: see effkernels/ops/adaln.py. Layout of every kernel here:
   grid = (B, n_blocks); program (b, j) walks rows n in [j * rows, min((j + 1) * rows, N)) of sample b
@@ -11,7 +14,7 @@ bit-for-bit deterministic.
 Per-sample (B, D) modulation is read as per-token with token stride 0, so the forward kernels need
 no variant for it; the backward kernels take runtime flags saying whether each gradient is written
 per row (per-token) or accumulated (per-sample), which keeps the compiled variant set small:
-aot_specs() lists all 150 (3 dtypes x 5 row blocks x (2 gated-residual + 8 LayerNorm kernels)).
+aot_specs() lists all 270 (3 dtypes x 5 row blocks x (2 gated-residual + 8 LayerNorm + 8 RMSNorm kernels)).
 
 Beyond the contract, the forward primitives take out= (fused_fwd: h_out= and out=) so that tests
 can hand in NaN-poisoned buffers, which may be strided row views.
@@ -58,7 +61,7 @@ def _ln_fwd_kernel(X, Y, G, SHIFT, SCALE, W, BIAS, H, OUT, MEAN, RSTD,
                    N, D, rows, eps,
                    s_xb, s_xn, s_yb, s_yn, s_gb, s_gn, s_hb, s_hn,
                    s_shb, s_shn, s_scb, s_scn, s_ob, s_on,
-                   FUSED: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   FUSED: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     n0 = tl.program_id(1) * rows
@@ -84,8 +87,11 @@ def _ln_fwd_kernel(X, Y, G, SHIFT, SCALE, W, BIAS, H, OUT, MEAN, RSTD,
             tl.store(H + b * s_hb + r * s_hn + c, h, mask=mask)
             # The LayerNorm reads h as stored (rounded to x's dtype), like the unfused pair would.
             x = h.to(tl.float32)
-        mean = tl.sum(x, axis=1) / D
-        xc = tl.where(mask, x - mean[:, None], 0.0)
+        if RMS:
+            xc = x  # masked elements loaded as 0
+        else:
+            mean = tl.sum(x, axis=1) / D
+            xc = tl.where(mask, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
         yln = xc * rstd[:, None]
         if HAS_WEIGHT:
@@ -95,7 +101,8 @@ def _ln_fwd_kernel(X, Y, G, SHIFT, SCALE, W, BIAS, H, OUT, MEAN, RSTD,
         sh = tl.load(SHIFT + b * s_shb + r * s_shn + c, mask=mask, other=0.0).to(tl.float32)
         sc = tl.load(SCALE + b * s_scb + r * s_scn + c, mask=mask, other=0.0).to(tl.float32)
         tl.store(OUT + b * s_ob + r * s_on + c, _cast(yln * (1.0 + sc) + sh, OUT.dtype.element_ty), mask=mask)
-        tl.store(MEAN + b * N + n, mean, mask=rmask)
+        if not RMS:
+            tl.store(MEAN + b * N + n, mean, mask=rmask)
         tl.store(RSTD + b * N + n, rstd, mask=rmask)
 
 
@@ -104,7 +111,7 @@ def _ln_bwd_kernel(DOUT, DH, X, Y, G, SCALE, W, BIAS, MEAN, RSTD,
                    DX, DY, DG, DSHIFT, DSCALE, PART,
                    N, D, rows, n_parts, shift_pt, scale_pt, gate_pt,
                    s_dob, s_don, s_dhb, s_dhn, s_xb, s_xn, s_yb, s_yn, s_gb, s_gn, s_scb, s_scn,
-                   FUSED: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   FUSED: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # Outputs DX, DY and per-token DSHIFT/DSCALE/DG are contiguous (B, N, D) tensors made by the
     # launcher. PART is float32 (5, B * n_parts, D): partial sums of d(shift), d(scale), d(gate),
@@ -137,9 +144,12 @@ def _ln_bwd_kernel(DOUT, DH, X, Y, G, SCALE, W, BIAS, MEAN, RSTD,
         dout = tl.load(DOUT + b * s_dob + r * s_don + c, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + b * s_xb + r * s_xn + c, mask=mask, other=0.0).to(tl.float32)
         sc = tl.load(SCALE + b * s_scb + r * s_scn + c, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + b * N + n, mask=rmask, other=0.0)
         rstd = tl.load(RSTD + b * N + n, mask=rmask, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if RMS:
+            xhat = x * rstd[:, None]  # masked elements loaded as 0
+        else:
+            mean = tl.load(MEAN + b * N + n, mask=rmask, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         yln = xhat * w[None, :] + bias[None, :]
         dyln = dout * (1.0 + sc)
         if shift_pt:
@@ -156,8 +166,11 @@ def _ln_bwd_kernel(DOUT, DH, X, Y, G, SCALE, W, BIAS, MEAN, RSTD,
             acc_b += tl.sum(dyln, axis=0)
         dxhat = dyln * w[None, :]
         c1 = tl.sum(dxhat * xhat, axis=1) / D
-        c2 = tl.sum(dxhat, axis=1) / D
-        dx = (dxhat - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if RMS:
+            dx = (dxhat - xhat * c1[:, None]) * rstd[:, None]
+        else:
+            c2 = tl.sum(dxhat, axis=1) / D
+            dx = (dxhat - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if FUSED:
             # h = x + gate * y fed both the next block (dh) and this LayerNorm (dx).
             dx += tl.load(DH + b * s_dhb + r * s_dhn + c, mask=mask, other=0.0).to(tl.float32)
@@ -288,58 +301,66 @@ def _out(name: str, out: torch.Tensor | None, like: torch.Tensor) -> torch.Tenso
     return out
 
 
-def _check_stats(mean: torch.Tensor, rstd: torch.Tensor, B: int, N: int) -> None:
+def _check_stats(mean: torch.Tensor | None, rstd: torch.Tensor, B: int, N: int) -> None:
     for name, t in (("mean", mean), ("rstd", rstd)):
+        if t is None:  # RMSNorm
+            continue
         if t.shape != (B, N) or t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous float32 ({B}, {N}) tensor, got {t.dtype} "
                              f"{tuple(t.shape)} strides {t.stride()}")
 
 
-def _affine(weight, bias, D, like):
-    """(weight, bias, has_affine). A lone weight or bias gets an identity partner (ones / zeros), so
-    the kernels are only ever compiled with HAS_WEIGHT == HAS_BIAS: half the AOT variants, at the
-    cost of one D-vector in a configuration DiT does not use."""
+def _norm_params(weight, bias, D, like, rms):
+    """(weight, bias, HAS_WEIGHT, HAS_BIAS) for the kernels, absent ones replaced by `like`.
+    LayerNorm: a lone weight or bias gets an identity partner (ones / zeros), so its kernels are only
+    ever compiled with HAS_WEIGHT == HAS_BIAS: half the AOT variants, at the cost of one D-vector in a
+    configuration DiT does not use. RMSNorm has a weight or not, and never a bias."""
+    if rms:
+        return (like if weight is None else weight), like, weight is not None, False
     if weight is None and bias is None:
-        return like, like, False
+        return like, like, False, False
     if weight is None:
         weight = torch.ones(D, dtype=bias.dtype, device=bias.device)
     if bias is None:
         bias = torch.zeros(D, dtype=weight.dtype, device=weight.device)
-    return weight, bias, True
+    return weight, bias, True, True
 
 
-def _ln_fwd(x, y, gate, shift, scale, weight, bias, eps, h_out, out):
+def _ln_fwd(x, y, gate, shift, scale, weight, bias, eps, h_out, out, rms=False):
+    """(h, out, mean, rstd); rms: the RMSNorm variant (bias None), whose mean is None."""
     fused = y is not None
     _check_float("x", x)
     B, N, D = x.shape
     bn, blk, warps = _tile(D)
     out = _out("out", out, x)
     h = _out("h_out", h_out, x) if fused else out
-    mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
+    rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
+    mean = None if rms else torch.empty_like(rstd)
     if B * N == 0:
         return h, out, mean, rstd
     y = x if y is None else y
     gate_s = _mod_strides(gate) if fused else (0, 0)
     gate = x if gate is None else gate
     rows, nb = _grid(B, N, bn, x.device)
-    weight, bias, affine = _affine(weight, bias, D, x)
+    w_k, b_k, has_w, has_b = _norm_params(weight, bias, D, x, rms)
     _ln_fwd_kernel[(B, nb)](
-        x, y, gate, shift, scale, weight, bias, h, out,
-        mean, rstd, N, D, rows, float(eps),
+        x, y, gate, shift, scale, w_k, b_k, h, out,
+        rstd if rms else mean, rstd, N, D, rows, float(eps),
         *_row_strides(x), *_row_strides(y), *gate_s, *_row_strides(h),
         *_mod_strides(shift), *_mod_strides(scale), *_row_strides(out),
-        FUSED=fused, HAS_WEIGHT=affine, HAS_BIAS=affine, BLOCK_N=bn, BLOCK_D=blk, num_warps=warps)
+        FUSED=fused, HAS_WEIGHT=has_w, HAS_BIAS=has_b, RMS=rms, BLOCK_N=bn, BLOCK_D=blk, num_warps=warps)
     return h, out, mean, rstd
 
 
-def _ln_bwd(dh, dout, x, y, gate, shift, scale, weight, bias, mean, rstd):
+def _ln_bwd(dh, dout, x, y, gate, shift, scale, weight, bias, mean, rstd, rms=False):
+    """(dx, dy, dgate, dshift, dscale, dweight, dbias); rms: the RMSNorm variant (bias and mean None)."""
     fused = dh is not None
     _check_float("x", x)
     B, N, D = x.shape
     bn, blk, warps = _tile(D)
     for name, t in (("dout", dout), ("dh", dh)):
-        if t is not None and (t.shape != x.shape or t.stride(-1) != 1 and D > 1):
+        # An empty tensor has no memory to stride over (autograd hands in expanded ones, stride 0).
+        if t is not None and (t.shape != x.shape or t.stride(-1) != 1 and D > 1 and t.numel() > 0):
             raise ValueError(f"{name} must have shape {tuple(x.shape)} and unit last stride, got "
                              f"{tuple(t.shape)} strides {t.stride()}")
     _check_stats(mean, rstd, B, N)
@@ -352,20 +373,21 @@ def _ln_bwd(dh, dout, x, y, gate, shift, scale, weight, bias, mean, rstd):
     dscale = torch.empty((B, N, D), **full) if scale_pt else None
     dgate = torch.empty((B, N, D), **full) if gate_pt else None
     rows, nb = _grid(B, N, bn, x.device)
-    part = torch.empty((5, B * nb, D), dtype=torch.float32, device=x.device)
+    # Zeros: with N == 0 no program runs and the sums below must still be zeros.
+    part = torch.zeros((5, B * nb, D), dtype=torch.float32, device=x.device)
     if B * N > 0:
         dummy = x
-        w_k, b_k, affine = _affine(weight, bias, D, x)
+        w_k, b_k, has_w, has_b = _norm_params(weight, bias, D, x, rms)
         _ln_bwd_kernel[(B, nb)](
             dout, dummy if dh is None else dh, x, dummy if y is None else y, dummy if gate is None else gate,
-            scale, w_k, b_k, mean, rstd,
+            scale, w_k, b_k, rstd if rms else mean, rstd,
             dx, dummy if dy is None else dy, dummy if dgate is None else dgate,
             dummy if dshift is None else dshift, dummy if dscale is None else dscale, part,
             N, D, rows, nb, int(shift_pt), int(scale_pt), int(gate_pt),
             *_row_strides(dout), *((0, 0) if dh is None else _row_strides(dh)), *_row_strides(x),
             *((0, 0) if y is None else _row_strides(y)), *((0, 0) if gate is None else _mod_strides(gate)),
             *_mod_strides(scale),
-            FUSED=fused, HAS_WEIGHT=affine, HAS_BIAS=affine, BLOCK_N=bn, BLOCK_D=blk, num_warps=warps)
+            FUSED=fused, HAS_WEIGHT=has_w, HAS_BIAS=has_b, RMS=rms, BLOCK_N=bn, BLOCK_D=blk, num_warps=warps)
 
     def per_sample(k, like):
         return part[k].view(B, nb, D).sum(1).to(like.dtype)
@@ -443,7 +465,7 @@ def gated_residual_bwd(dout, y, gate):
 # ---------------------------------------------------------------------------------------------
 
 _F32_PTRS = ("MEAN", "RSTD", "PART")
-_CONSTEXPRS = ("FUSED", "HAS_WEIGHT", "HAS_BIAS", "BLOCK_N", "BLOCK_D")
+_CONSTEXPRS = ("FUSED", "HAS_WEIGHT", "HAS_BIAS", "RMS", "BLOCK_N", "BLOCK_D")
 
 
 def _signature(fn, dt: str) -> dict:
@@ -473,8 +495,9 @@ def aot_specs():
                 specs.append((fn, _signature(fn, dt), {"BLOCK_N": bn, "BLOCK_D": blk}, opts))
             for fn in (_ln_fwd_kernel, _ln_bwd_kernel):
                 for fused in (False, True):
-                    for affine in (False, True):
-                        cx = {"FUSED": fused, "HAS_WEIGHT": affine, "HAS_BIAS": affine, "BLOCK_N": bn,
-                              "BLOCK_D": blk}
-                        specs.append((fn, _signature(fn, dt), cx, opts))
+                    for rms in (False, True):
+                        for has_w in (False, True):  # LayerNorm: weight and bias together (_norm_params)
+                            cx = {"FUSED": fused, "HAS_WEIGHT": has_w, "HAS_BIAS": has_w and not rms, "RMS": rms,
+                                  "BLOCK_N": bn, "BLOCK_D": blk}
+                            specs.append((fn, _signature(fn, dt), cx, opts))
     return specs
