@@ -14,6 +14,13 @@
 #                                                     # (e.g. --method sit --out runs/digits: the old main job)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The main job needs neither the CUDA simulator (a test tool) nor, without a GPU, the CUDA kernels:
+# a first run builds only what it uses (the C++ CPU paths here), minutes less; an install that has
+# more (scripts/test.sh's) is kept as it is.
+export EFFKERNELS_BUILD_SIM=${EFFKERNELS_BUILD_SIM:-0}
+if ! nvidia-smi -L >/dev/null 2>&1; then
+  export EFFKERNELS_BUILD_CUDA=${EFFKERNELS_BUILD_CUDA:-0}
+fi
 scripts/setup.sh
 .venv/bin/python -m effkernels
 for arg in "$@"; do

@@ -18,7 +18,10 @@ $V/python -m pip install -q "torch==2.14.1"
 if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
 export MAX_JOBS=${MAX_JOBS:-2}
 # The install is editable, so Python changes need no reinstall; only the build inputs and the build
-# switches do. Skip the (minutes-long) nvcc rebuild when none of them changed since the last install.
+# switches do. Skip the (minutes-long) rebuild when the inputs are unchanged since the last install
+# and that install has at least the parts asked for now: CUDA kernels (unless EFFKERNELS_BUILD_CUDA=0
+# or no nvcc) and the CUDA simulator (unless EFFKERNELS_BUILD_SIM=0). So scripts/main.sh, which
+# asks for neither on a machine without a GPU, keeps a full install that scripts/test.sh made.
 stamp=$($V/python - <<'PY'
 import hashlib, os, pathlib
 h = hashlib.sha256()
@@ -26,12 +29,18 @@ for f in sorted([pathlib.Path("pyproject.toml"), pathlib.Path("setup.py"), *path
     if f.is_file() and "__pycache__" not in f.parts:
         h.update(str(f).encode() + f.read_bytes())
 for k in sorted(os.environ):
-    if k in ("EFFKERNELS_BUILD_EXT", "EFFKERNELS_BUILD_CUDA", "EFFKERNELS_BUILD_SIM", "EFFKERNELS_CUDA_ARCHS", "CUDA_HOME"):
+    if k in ("EFFKERNELS_BUILD_EXT", "EFFKERNELS_CUDA_ARCHS", "CUDA_HOME"):
         h.update(f"{k}={os.environ[k]}".encode())
-print(h.hexdigest())
+home = os.environ.get("CUDA_HOME", "")
+cuda = int(os.environ.get("EFFKERNELS_BUILD_CUDA", "1") != "0" and os.path.exists(os.path.join(home, "bin", "nvcc")))
+sim = int(os.environ.get("EFFKERNELS_BUILD_SIM", "1") != "0")
+print(h.hexdigest(), cuda, sim)
 PY
 )
-if [ "$(cat .venv/.effkernels-install 2>/dev/null)" = "$stamp" ] && $V/python -c "import effkernels" 2>/dev/null; then
+read -r want_hash want_cuda want_sim <<< "$stamp"
+read -r have_hash have_cuda have_sim < .venv/.effkernels-install 2>/dev/null || true
+if [ "${have_hash:-}" = "$want_hash" ] && [ "${have_cuda:-0}" -ge "$want_cuda" ] && [ "${have_sim:-0}" -ge "$want_sim" ] \
+    && $V/python -c "import effkernels" 2>/dev/null; then
   echo "setup: .venv is up to date (rm .venv/.effkernels-install to force a reinstall)"
 else
   $V/python -m pip install -q --no-build-isolation -e ".[dev,train,encoders,lpips,vae,inception]"

@@ -77,3 +77,26 @@ def check(impls, op, lv, dtype, per_token, used, n_out):
         reduce = k in ("w", "b") or (k in NAMES and not per_token)
         assert k_grad[k].dtype == dtype and k_grad[k].shape == r_grad[k].shape, k
         assert_close(k_grad[k], r_grad[k], dtype, reduce=reduce, name=f"{op} d{k}", same_dtype_ref=s_grad.get(k))
+
+
+def check_compile_keeps_ops(step, inputs, fwd_ops, bwd_ops):
+    """fullgraph torch.compile of step(*inputs) (aot_eager, graphs recorded) gives eager's loss and
+    gradients, and its forward and backward graphs keep our ops (names as in torch.ops.effkernels)."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    rec = AotEagerAndRecordGraphs()
+    compiled = torch.compile(step, fullgraph=True, backend=rec)
+    grads = []
+    for fn in (compiled, step):
+        lv = [t.clone().requires_grad_() for t in inputs]
+        loss = fn(*lv)
+        loss.backward()
+        grads.append([loss.detach()] + [t.grad for t in lv])
+    for i, (a, b) in enumerate(zip(*grads)):
+        assert_close(a, b, torch.float32, name="loss" if i == 0 else f"d(input {i - 1})")
+    graph = "\n".join(str(g.graph) for g in rec.graphs)
+    for op in fwd_ops:
+        assert f"effkernels.{op}." in graph, op
+    bw = "\n".join(str(g.graph) for g in rec.bw_graphs)
+    for op in bwd_ops:
+        assert op in bw, op

@@ -10,7 +10,8 @@ from effkernels import ops
 from effkernels._triton import adaln as tk
 from effkernels.reference import adaln as ref
 from helpers import assert_close, poison
-from norm_cases import DTYPES, NAMES, SHAPES, bc as _bc, cases, check, leaves, mods as _mods
+from norm_cases import DTYPES, NAMES, SHAPES, bc as _bc, cases, check, check_compile_keeps_ops, leaves
+from norm_cases import mods as _mods
 
 EPS = 1e-5
 
@@ -389,11 +390,7 @@ def test_opcheck(seed):
 
 @pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd:UserWarning")
 def test_compile_fullgraph_keeps_ops(seed):
-    from torch._dynamo.testing import AotEagerAndRecordGraphs
-
     B, N, D = 2, 3, 6
-    x, y = torch.randn(B, N, D), torch.randn(B, N, D)
-    c, w = torch.randn(B, 6 * D), torch.randn(D)
 
     def step(x, y, c, w):
         shift, scale, gate = c.chunk(6, -1)[:3]
@@ -402,21 +399,6 @@ def test_compile_fullgraph_keeps_ops(seed):
         h2, out2 = ops.gated_residual_modulate_layernorm(h, out, gate, shift, scale, EPS, backend="triton")
         return (h2.sum() + (out2 * out2).sum())
 
-    rec = AotEagerAndRecordGraphs()
-    compiled = torch.compile(step, fullgraph=True, backend=rec)
-    grads = []
-    for fn in (compiled, step):
-        leaves = [t.clone().requires_grad_() for t in (x, y, c, w)]
-        loss = fn(*leaves)
-        loss.backward()
-        grads.append([loss.detach()] + [t.grad for t in leaves])
-    for name, a, b in zip(("loss", "dx", "dy", "dc", "dw"), *grads):
-        assert_close(a, b, torch.float32, name=name)
-    graph = "\n".join(str(g.graph) for g in rec.graphs)
-    for op in ("effkernels.gated_residual.", "effkernels.modulate_layernorm.",
-               "effkernels.gated_residual_modulate_layernorm."):
-        assert op in graph, op
-    bw = "\n".join(str(g.graph) for g in rec.bw_graphs)
-    for op in ("gated_residual_backward", "modulate_layernorm_backward",
-               "gated_residual_modulate_layernorm_backward"):
-        assert op in bw, op
+    names = ("gated_residual", "modulate_layernorm", "gated_residual_modulate_layernorm")
+    check_compile_keeps_ops(step, (torch.randn(B, N, D), torch.randn(B, N, D), torch.randn(B, 6 * D), torch.randn(D)),
+                            names, [f"{n}_backward" for n in names])

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 from helpers import assert_close, poison, rel_err
-from norm_cases import DTYPES, bc as _bc, cases, check, leaves, mods as _mods
+from norm_cases import DTYPES, bc as _bc, cases, check, check_compile_keeps_ops, leaves, mods as _mods
 
 from effkernels import _ext, backends, ops
 from effkernels._triton import rmsnorm as tk
@@ -468,10 +468,7 @@ def test_opcheck(seed, backend):
 
 @pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd:UserWarning")
 def test_compile_fullgraph_keeps_ops(seed):
-    from torch._dynamo.testing import AotEagerAndRecordGraphs
-
     B, N, D = 2, 3, 6
-    x, y, c, w = torch.randn(B, N, D), torch.randn(B, N, D), torch.randn(B, 6 * D), torch.randn(D)
 
     def step(x, y, c, w):
         shift, scale, gate = c.chunk(6, -1)[:3]
@@ -479,19 +476,6 @@ def test_compile_fullgraph_keeps_ops(seed):
         h, out2 = ops.gated_residual_rmsnorm_modulate(out, y, gate, shift, scale, EPS, backend="triton")
         return h.sum() + (out2 * out2).sum()
 
-    rec = AotEagerAndRecordGraphs()
-    compiled = torch.compile(step, fullgraph=True, backend=rec)
-    grads = []
-    for fn in (compiled, step):
-        leaves = [t.clone().requires_grad_() for t in (x, y, c, w)]
-        loss = fn(*leaves)
-        loss.backward()
-        grads.append([loss.detach()] + [t.grad for t in leaves])
-    for name, a, b in zip(("loss", "dx", "dy", "dc", "dw"), *grads):
-        assert_close(a, b, torch.float32, name=name)
-    graph = "\n".join(str(g.graph) for g in rec.graphs)
-    for op in ("effkernels.rmsnorm_modulate.", "effkernels.gated_residual_rmsnorm_modulate."):
-        assert op in graph, op
-    bw = "\n".join(str(g.graph) for g in rec.bw_graphs)
-    for op in ("rmsnorm_modulate_backward", "gated_residual_rmsnorm_modulate_backward"):
-        assert op in bw, op
+    names = ("rmsnorm_modulate", "gated_residual_rmsnorm_modulate")
+    check_compile_keeps_ops(step, (torch.randn(B, N, D), torch.randn(B, N, D), torch.randn(B, 6 * D), torch.randn(D)),
+                            names, [f"{n}_backward" for n in names])
