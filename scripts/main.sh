@@ -4,8 +4,9 @@
 # same short budget (500 steps of batch 64, one seed, FD/accuracy of 500 EMA samples every 125 steps),
 # prints the table (throughput and FLOPs ratios to SiT, FD/accuracy at equal steps, steps and seconds
 # to reach SiT's FD) and writes it with the plots under runs/main/ (convergence.{md,csv,json,png}).
-# Budget: about 5 minutes on 2 quiet CPU cores (2026-12-07, two 1-thread runs at a time), the first run
-# half a minute more (it fits and caches the metric's classifier and REPA's digits encoder). Progress:
+# Budget: 4 to 5 minutes on 2 quiet CPU cores (2026-12-07, two 1-thread runs at a time); a fresh clone
+# about 6 minutes in all (setup: venv, torch, the C++ build), the first run on a machine half a minute
+# more (it fits and caches the metric's classifier and REPA's digits encoder). Progress:
 # a line as each run starts and ends, with the job's ETA (--quiet: only the table).
 #
 #   scripts/main.sh                                   # the comparison above

@@ -38,8 +38,9 @@ print(h.hexdigest(), cuda, sim)
 PY
 )
 read -r want_hash want_cuda want_sim <<< "$stamp"
-read -r have_hash have_cuda have_sim < .venv/.effkernels-install 2>/dev/null || true
-if [ "${have_hash:-}" = "$want_hash" ] && [ "${have_cuda:-0}" -ge "$want_cuda" ] && [ "${have_sim:-0}" -ge "$want_sim" ] \
+have_hash="" have_cuda=0 have_sim=0
+[ -f .venv/.effkernels-install ] && read -r have_hash have_cuda have_sim < .venv/.effkernels-install
+if [ "$have_hash" = "$want_hash" ] && [ "${have_cuda:-0}" -ge "$want_cuda" ] && [ "${have_sim:-0}" -ge "$want_sim" ] \
     && $V/python -c "import effkernels" 2>/dev/null; then
   echo "setup: .venv is up to date (rm .venv/.effkernels-install to force a reinstall)"
 else
